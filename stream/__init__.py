@@ -1,0 +1,1 @@
+"""clickscore serving: event contract, feature encoding, Faust worker. Never imports torch."""

@@ -1,0 +1,1 @@
+"""clickscore training: data preparation, simulation, models, evaluation, export (needs clickscore[train])."""
