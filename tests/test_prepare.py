@@ -1,0 +1,301 @@
+"""`clickscore prepare`: every reader on the real samples and on hand-made fixtures.
+
+    /work/main/.venv/bin/python -m pytest tests/test_prepare.py -q
+
+Expected counts come from the datasets README or are recomputed here with the csv
+module, independently of the polars code under test.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from stream.errors import ClickscoreError
+from training.prepare import prepare
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+YOOCHOOSE_100K = DATASETS / "yoochoose-100k"
+COLUMNS = ["session_id", "event_type", "item_id", "category_id", "price", "timestamp", "user_id", "event_id", "split"]
+
+needs_samples = pytest.mark.skipif(not DATASETS.is_dir(), reason=f"{DATASETS} not present")
+
+
+def load(out: Path) -> tuple[pl.DataFrame, dict]:
+    return pl.read_parquet(out / "events.parquet"), json.loads((out / "stats.json").read_text())
+
+
+def check_contract(events: pl.DataFrame, stats: dict) -> None:
+    """Invariants every prepared folder holds (docs/CONTRACTS.md)."""
+    assert events.columns == COLUMNS
+    assert events.schema["timestamp"] == pl.Int64 and events.schema["price"] == pl.Float64
+    assert set(events["event_type"].unique()) <= {"view", "addtocart", "transaction"}
+    assert set(events["split"].unique()) <= {"train", "valid", "test"}
+    # One split per session: a test session's buy label never reaches training.
+    assert events.group_by("session_id").agg(pl.col("split").n_unique())["split"].max() == 1
+    # Sessions are contiguous, in order of their first event, and timestamps ascend inside each.
+    runs = events.select((pl.col("session_id") != pl.col("session_id").shift(1)).fill_null(True).sum()).item()
+    assert runs == events["session_id"].n_unique() == stats["sessions"]
+    starts = events.group_by("session_id", maintain_order=True).agg(pl.col("timestamp").first())["timestamp"]
+    assert starts.is_sorted()
+    assert events.select((pl.col("timestamp").diff().over("session_id").fill_null(0) >= 0).all()).item()
+    assert stats["events"] == events.height == sum(stats["splits"][s]["events"] for s in ("train", "valid", "test"))
+    assert stats["buying_sessions"] == events.filter(pl.col("event_type") == "transaction")["session_id"].n_unique()
+    assert (events["price"].drop_nulls() > 0).all()
+
+
+# --- YOOCHOOSE -------------------------------------------------------------------
+
+@needs_samples
+def test_yoochoose_100k_keeps_the_published_split(tmp_path):
+    stats = prepare("yoochoose", YOOCHOOSE_100K, tmp_path)
+    events, written = load(tmp_path)
+    check_contract(events, written)
+    splits = stats["splits"]
+    assert stats["split_method"] == "published"
+    assert (splits["test"]["events"], splits["test"]["sessions"]) == (13_568, 3_416)
+    # train + valid is exactly _train_full (README): 70,278 events, 17,794 sessions.
+    assert splits["train"]["events"] + splits["valid"]["events"] == 70_278
+    assert splits["train"]["sessions"] + splits["valid"]["sessions"] == 17_794
+    # train is exactly _train_tr: 53,254 events in 13,629 sessions.
+    assert (splits["train"]["events"], splits["train"]["sessions"]) == (53_254, 13_629)
+    assert stats["buying_sessions"] == 0 and events["category_id"].null_count() == events.height
+    assert events["price"].null_count() == events.height
+    first = events.filter(pl.col("session_id") == "1").head(1)
+    assert first["timestamp"].item() == 1396860669277 and first["split"].item() == "test"
+
+
+@needs_samples
+def test_yoochoose_train_full_and_test_only_carves_the_last_day(tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    for suffix in ("_train_full.txt", "_test.txt"):
+        name = f"yoochoose-clicks-100k{suffix}"
+        (source / name).symlink_to(YOOCHOOSE_100K / name)
+    stats = prepare("yoochoose", source / "yoochoose-clicks-100k_test.txt", tmp_path / "out")
+    events, _ = load(tmp_path / "out")
+    splits = stats["splits"]
+    assert stats["split_method"] == "published"
+    assert splits["train"]["events"] + splits["valid"]["events"] == 70_278
+    assert splits["test"]["events"] == 13_568 and splits["valid"]["sessions"] > 0
+    starts = events.group_by("session_id").agg(pl.col("timestamp").min(), pl.col("split").first())
+    train_end = events.filter(pl.col("split") != "test")["timestamp"].max()
+    cut = train_end - 86_400_000
+    assert (starts.filter(pl.col("split") == "valid")["timestamp"] >= cut).all()
+    assert (starts.filter(pl.col("split") == "train")["timestamp"] < cut).all()
+
+
+def test_yoochoose_raw_clicks_and_buys(tmp_path):
+    stats = prepare("yoochoose", FIXTURES / "yoochoose", tmp_path)
+    events, written = load(tmp_path)
+    check_contract(events, written)
+    assert stats["events"] == 15 + 3 and stats["sessions"] == 7 and stats["buying_sessions"] == 3
+    assert stats["split_method"] == "temporal"
+    # Log ends 2014-04-10 12:00: test starts >= 04-09 12:00, valid >= 04-08 12:00.
+    split_of = dict(events.group_by("session_id").agg(pl.col("split").first()).iter_rows())
+    assert split_of == {"1": "train", "2": "train", "3": "train", "4": "valid", "5": "valid",
+                        "6": "test", "7": "test"}
+    buys = events.filter(pl.col("event_type") == "transaction")
+    assert buys["price"].to_list() == [1046.0, None, 523.0]   # price 0 = unknown
+    assert events.filter(pl.col("session_id") == "1")["category_id"].null_count() == 4  # "0" = none
+    assert sorted(events["category_id"].drop_nulls().unique()) == ["2053013552", "3", "S"]
+    assert stats["test_items_unseen_in_train"] == 1           # 214999999, kept
+    assert stats["test_events_unseen_item_share"] == 0.5
+
+
+# --- Retail Rocket ---------------------------------------------------------------
+
+def test_retailrocket_events_and_properties(tmp_path, capsys):
+    stats = prepare("retailrocket", FIXTURES / "retailrocket", tmp_path)
+    events, written = load(tmp_path)
+    check_contract(events, written)
+    # Visitor 1: a 31-min pause splits it in two; visitor 2: a 29-min pause does not.
+    assert events["session_id"].unique(maintain_order=True).to_list() == ["1:0", "2:0", "1:1", "3:0"]
+    assert stats["buying_sessions"] == 1 and stats["split_method"] == "temporal_quantile"
+    categories = dict(events.select("item_id", "category_id").unique().iter_rows())
+    assert categories == {"100": "2", "200": "3", "300": None}   # latest categoryid wins
+    assert events["price"].null_count() == events.height         # "790" is hashed: no price
+    assert events["event_id"].null_count() == events.height
+    assert "split by session start instead" in capsys.readouterr().err
+    assert any("split by session start instead" in w for w in stats["warnings"])
+
+
+@needs_samples
+def test_retailrocket_third_party_item_category(tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    (source / "events.csv").write_text((FIXTURES / "retailrocket" / "events.csv").read_text())
+    for name in ("item_category.csv", "category_tree.csv"):
+        (source / name).symlink_to(DATASETS / "retailrocket" / name)
+    stats = prepare("retailrocket", source, tmp_path / "out")
+    events, _ = load(tmp_path / "out")
+    with open(DATASETS / "retailrocket" / "item_category.csv", newline="") as handle:
+        expected = {row["ItemId"]: row["categoryid"] for row in csv.DictReader(handle)
+                    if row["ItemId"] in {"100", "200", "300"}}
+    assert dict(events.select("item_id", "category_id").unique().iter_rows()) == {
+        item: expected.get(item) for item in ("100", "200", "300")}
+    assert stats["category_source"] == "item_category.csv"
+
+
+# --- Diginetica, Taobao, REES46, OTTO (real samples) ------------------------------
+
+@needs_samples
+def test_diginetica_sample(tmp_path):
+    folder = DATASETS / "diginetica"
+    with open(folder / "sample_train-item-views.csv", newline="") as handle:
+        views = list(csv.DictReader(handle, delimiter=";"))
+    with open(folder / "train-purchases.csv", newline="") as handle:
+        purchases = list(csv.DictReader(handle, delimiter=";"))
+    viewed = {row["session_id"] for row in views}
+    kept = [row for row in purchases if row["sessionId"] in viewed]
+    stats = prepare("diginetica", folder, tmp_path)
+    events, written = load(tmp_path)
+    check_contract(events, written)
+    assert (len(views), len(viewed), len({r["sessionId"] for r in kept})) == (12_391, 2_986, 138)
+    assert stats["events"] == len(views) + len(kept)
+    assert stats["sessions"] == 2_986 and stats["buying_sessions"] == 138
+    assert stats["dropped_purchases_without_views"] == len(purchases) - len(kept)
+    session_1 = events.filter(pl.col("session_id") == "1")
+    assert session_1["timestamp"].min() == 1462752000000 + 75848      # 2016-05-09 + timeframe
+    assert session_1["category_id"].null_count() == 0 and session_1["user_id"].null_count() == session_1.height
+
+
+@needs_samples
+def test_taobao_sample(tmp_path):
+    path = DATASETS / "taobao-userbehavior" / "UserBehavior_head.csv"
+    with open(path, newline="") as handle:
+        rows = [(int(u), int(t), b) for u, _, _, b, t in csv.reader(handle)]
+    low, high = 1_511_539_200, 1_512_316_800       # the published period, UTC+8
+    in_period = sorted((r for r in enumerate(rows) if low <= r[1][1] < high), key=lambda r: (r[1][0], r[1][1], r[0]))
+    session_of, previous, count = {}, None, 0
+    for index, (user, time, _) in in_period:
+        if previous is None or previous[0] != user or time - previous[1] > 1800:
+            count += 1
+        session_of[index] = count
+        previous = (user, time)
+    kept = {i: s for i, s in session_of.items() if rows[i][2] != "fav"}
+    stats = prepare("taobao", path, tmp_path, test_days=1)
+    events, written = load(tmp_path)
+    check_contract(events, written)
+    assert stats["events"] == len(kept)
+    assert stats["sessions"] == len(set(kept.values()))
+    assert stats["buying_sessions"] == len({s for i, s in kept.items() if rows[i][2] == "buy"}) == 1_344
+    assert stats["dropped_events"] == {"outside_published_period": len(rows) - len(in_period),
+                                       "fav": sum(1 for i in session_of if rows[i][2] == "fav")}
+    assert stats["split_method"] == "temporal" and stats["session_gap_minutes"] == 30.0
+
+
+@needs_samples
+def test_rees46_sample(tmp_path):
+    path = DATASETS / "rees46" / "2019-Oct-sample.csv"
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    kept = [r for r in rows if r["event_type"] != "remove_from_cart" and r["user_session"]]
+    stats = prepare("rees46", path.parent, tmp_path)
+    events, written = load(tmp_path)
+    check_contract(events, written)
+    assert stats["events"] == len(kept) == 1_000 and stats["sessions"] == 372
+    assert events.filter(pl.col("event_type") == "transaction").height == 10
+    assert stats["buying_sessions"] == len({r["user_session"] for r in kept if r["event_type"] == "purchase"})
+    first = events.filter(pl.col("item_id") == "44600062").head(1)
+    assert first["price"].item() == 35.79 and first["timestamp"].item() == 1569888000000
+    assert first["category_id"].item() == "2103807459595387724" and first["user_id"].item() == "541312140"
+
+
+@needs_samples
+def test_otto_sample(tmp_path):
+    path = DATASETS / "otto" / "train.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    stats = prepare("otto", path, tmp_path)
+    events, written = load(tmp_path)
+    check_contract(events, written)
+    assert stats["events"] == sum(len(s["events"]) for s in lines) == 862
+    assert stats["sessions"] == 20
+    assert stats["buying_sessions"] == sum(any(e["type"] == "orders" for e in s["events"]) for s in lines) == 3
+    assert events["timestamp"].min() == min(e["ts"] for s in lines for e in s["events"])
+
+
+def test_otto_seconds_are_detected(tmp_path):
+    path = tmp_path / "otto_seconds.jsonl"
+    path.write_text("\n".join(json.dumps({"session": s, "events": [
+        {"aid": 10 + i, "ts": 1659304800 + 86_400 * s + 60 * i, "type": t}
+        for i, t in enumerate(["clicks", "carts", "orders"])]}) for s in range(12)) + "\n")
+    prepare("otto", path, tmp_path / "out")
+    events, stats = load(tmp_path / "out")
+    assert events["timestamp"].min() == 1659304800000 and stats["ts_unit"] == "s"
+
+
+# --- canonical ---------------------------------------------------------------------
+
+def test_canonical_round_trip_keeps_the_split(tmp_path):
+    prepare("yoochoose", FIXTURES / "yoochoose", tmp_path / "a")
+    original, _ = load(tmp_path / "a")
+    stats = prepare("canonical", tmp_path / "a" / "events.parquet", tmp_path / "b")
+    again, _ = load(tmp_path / "b")
+    assert stats["split_method"] == "published"
+    assert again.equals(original)
+
+
+def test_canonical_csv_with_iso_times_and_aliases(tmp_path):
+    path = tmp_path / "log.csv"
+    lines = ["session_id,event_type,item_id,timestamp,price,extra"]
+    for s in range(10):
+        lines += [f"s{s},click,i{s},2026-01-0{1 + s % 9}T10:00:00Z,", f"s{s},buy,i{s},{1767261600000 + s * 86_400_000 + 5},9.5,x"]
+    path.write_text("\n".join(lines) + "\n")
+    stats = prepare("canonical", path, tmp_path / "out")
+    events, _ = load(tmp_path / "out")
+    assert set(events["event_type"]) == {"view", "transaction"} and stats["buying_sessions"] == 10
+    assert events.filter(pl.col("session_id") == "s0")["timestamp"].to_list() == [1767261600000, 1767261600005]
+    assert events["price"].drop_nulls().to_list() == [9.5] * 10
+    assert any("extra" in w for w in stats["warnings"])
+
+
+@pytest.mark.parametrize("body, message", [
+    ("session_id,item_id,timestamp\ns,i,1767261600000\n", "lacks column(s) ['event_type']"),
+    ("session_id,event_type,item_id,timestamp\ns,wishlist,i,1767261600000\n", "unknown event type"),
+    ("session_id,event_type,item_id,timestamp,price\ns,view,i,1767261600000,-1\n", "negative"),
+    ("session_id,event_type,item_id,timestamp,price\ns,view,i,1767261600000,inf\n", "not finite"),
+    ("session_id,event_type,item_id,timestamp\ns,view,i,1767261600\n", "outside 2000-01-01"),
+    ("session_id,event_type,item_id,timestamp,split\ns,view,i,1767261600000,train\ns,view,j,1767261600001,test\n",
+     "several splits"),
+])
+def test_canonical_rejects_bad_input(tmp_path, body, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(body)
+    with pytest.raises(ClickscoreError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        prepare("canonical", path, tmp_path / "out")
+
+
+# --- errors and the command line -----------------------------------------------------
+
+def test_wrong_dataset_for_the_folder_says_so(tmp_path):
+    with pytest.raises(ClickscoreError, match="looks like --dataset yoochoose"):
+        prepare("diginetica", FIXTURES / "yoochoose", tmp_path)
+    with pytest.raises(ClickscoreError, match="does not exist"):
+        prepare("otto", tmp_path / "missing.jsonl", tmp_path / "out")
+    with pytest.raises(ClickscoreError, match="unknown dataset"):
+        prepare("movielens", FIXTURES / "yoochoose", tmp_path)
+    with pytest.raises(ClickscoreError, match="does not look like Taobao"):
+        prepare("taobao", FIXTURES / "yoochoose" / "yoochoose-clicks.dat", tmp_path)
+
+
+def test_cli_end_to_end(tmp_path):
+    cli = Path(sys.executable).parent / "clickscore"
+    done = subprocess.run([str(cli), "prepare", "--dataset", "retailrocket", "--input", str(FIXTURES / "retailrocket"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    header, *rows = [line.split()[0] for line in done.stdout.splitlines()[1:6]]
+    assert header == "split" and rows == ["all", "train", "valid", "test"]
+    events, stats = load(tmp_path / "out")
+    assert stats["dataset"] == "retailrocket" and events.height == 8
+    bad = subprocess.run([str(cli), "prepare", "--dataset", "yoochoose", "--input", str(tmp_path / "nowhere"),
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr

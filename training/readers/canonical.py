@@ -1,0 +1,168 @@
+"""The canonical format itself (CSV, Parquet or JSON lines) -> validated canonical events.
+
+    frame, split = read("data/sim.parquet", notes={})
+
+Columns as in docs/CONTRACTS.md: session_id, event_type, item_id, timestamp required;
+category_id, price, user_id, event_id, split optional. Values follow the click-event
+contract (stream/events.py), and this reader uses its functions so that a file that
+prepares cleanly also streams cleanly: event types go through normalise_event_type
+(so `click`, `cart`, `buy` ... are accepted), timestamps are epoch ms integers or
+ISO-8601 strings (parse_timestamp), prices must be finite and >= 0. Any violation
+stops with a ClickscoreError naming the column, how many rows and the first bad row.
+A `split` column (train|valid|test, one value per session) is returned as the
+published split; a column of nulls only means "no split".
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from stream.errors import ClickscoreError
+from stream.events import (
+    MAX_ID_CHARS, MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS, InvalidEvent, normalise_event_type, parse_timestamp)
+from training.readers.common import CANONICAL_SCHEMA, canonical, folder_of, require_rows
+
+DATASET = "canonical"
+REQUIRED = ("session_id", "event_type", "item_id", "timestamp")
+OPTIONAL = ("category_id", "price", "user_id", "event_id", "split")
+ID_COLUMNS = ("session_id", "item_id", "category_id", "user_id", "event_id")
+SPLITS = ("train", "valid", "test")
+
+
+def _load(path: Path) -> pl.DataFrame:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return pl.read_parquet(path)
+        if suffix == ".csv":
+            # Everything as text: ids must not become floats, and the checks below
+            # report bad values instead of a parser error.
+            return pl.read_csv(path, infer_schema=False)
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            return pl.read_ndjson(path, infer_schema_length=None)
+    except pl.exceptions.PolarsError as exc:
+        raise ClickscoreError(f"{path}: cannot read as {suffix[1:]} ({str(exc).splitlines()[0]})") from None
+    raise ClickscoreError(f"--dataset canonical: {path} must be .csv, .parquet or .jsonl")
+
+
+def _fail(frame: pl.DataFrame, bad: pl.Series, column: str, problem: str, fix: str) -> None:
+    """Raise naming how many rows break a rule and the first one (1-based data row)."""
+    count = int(bad.sum())
+    if count:
+        row = int(bad.arg_true()[0])
+        value = frame[column][row]
+        raise ClickscoreError(f"column {column!r}: {count} row(s) {problem}, first at data row {row + 1} "
+                              f"(value {value!r}); {fix}")
+
+
+def _identifiers(frame: pl.DataFrame) -> pl.DataFrame:
+    for column in ID_COLUMNS:
+        if column not in frame.columns:
+            continue
+        dtype = frame.schema[column]
+        if not (dtype == pl.String or dtype.is_integer() or dtype == pl.Null):
+            raise ClickscoreError(f"column {column!r} has type {dtype}; ids must be strings or integers")
+        text = frame[column].cast(pl.String)
+        if column in REQUIRED:
+            _fail(frame, text.is_null() | (text.str.strip_chars() == ""), column, "are empty", "every event needs one")
+        _fail(frame, text.str.len_chars().fill_null(0) > MAX_ID_CHARS, column,
+              f"are longer than {MAX_ID_CHARS} characters", "shorten the ids")
+        frame = frame.with_columns(text.alias(column))
+    return frame
+
+
+def _event_types(frame: pl.DataFrame) -> pl.Series:
+    values = frame["event_type"].cast(pl.String)
+    _fail(frame, values.is_null(), "event_type", "are empty", "every event needs view, addtocart or transaction")
+    mapping: dict[str, str] = {}
+    for value in values.unique().to_list():
+        try:
+            mapping[value] = normalise_event_type(value)
+        except InvalidEvent as exc:
+            _fail(frame, values == value, "event_type", "have an unknown event type", exc.detail)
+    return values.replace_strict(mapping, return_dtype=pl.String)
+
+
+def _timestamps(frame: pl.DataFrame) -> pl.Series:
+    column = frame["timestamp"]
+    fix = "use UTC epoch milliseconds or ISO-8601 strings"
+    if isinstance(column.dtype, pl.Datetime):
+        millis = column.dt.epoch("ms")
+    elif column.dtype.is_integer():
+        millis = column.cast(pl.Int64)
+    elif column.dtype.is_float():
+        _fail(frame, ~column.is_finite() | (column != column.floor()), "timestamp",
+              "are not whole milliseconds", fix)
+        millis = column.cast(pl.Int64)
+    elif column.dtype == pl.String:
+        mapping: dict[str, int] = {}
+        for text in column.drop_nulls().unique().to_list():
+            stripped = text.strip()
+            try:
+                # Digits are epoch ms (parse_timestamp takes ints); anything else ISO-8601.
+                mapping[text] = parse_timestamp(int(stripped) if stripped.lstrip("-").isdigit() else stripped)
+            except InvalidEvent as exc:
+                _fail(frame, column == text, "timestamp", "are not valid timestamps", exc.detail)
+        millis = column.replace_strict(mapping, default=None, return_dtype=pl.Int64)
+    else:
+        raise ClickscoreError(f"column 'timestamp' has type {column.dtype}; {fix}")
+    _fail(frame, millis.is_null(), "timestamp", "are empty", "every event needs a timestamp")
+    _fail(frame, (millis < MIN_TIMESTAMP_MS) | (millis >= MAX_TIMESTAMP_MS), "timestamp",
+          "are outside 2000-01-01..2100-01-01", "timestamps must be epoch milliseconds (seconds sent as ms?)")
+    return millis
+
+
+def _prices(frame: pl.DataFrame) -> pl.Series:
+    column = frame["price"]
+    if column.dtype == pl.String:
+        text = column.str.strip_chars().replace("", None)
+        numbers = text.cast(pl.Float64, strict=False)
+        _fail(frame, numbers.is_null() & text.is_not_null(), "price", "are not numbers",
+              "write prices as plain decimals (12.5) or leave them empty")
+    elif column.dtype.is_numeric() or column.dtype == pl.Null:
+        numbers = column.cast(pl.Float64)
+    else:
+        raise ClickscoreError(f"column 'price' has type {column.dtype}; prices must be numbers")
+    _fail(frame, ~numbers.is_finite().fill_null(True), "price", "are not finite", "leave unknown prices empty")
+    _fail(frame, (numbers < 0).fill_null(False), "price", "are negative", "prices must be >= 0 (or empty)")
+    return numbers
+
+
+def _published_split(frame: pl.DataFrame, path: Path) -> pl.DataFrame | None:
+    split = frame["split"].cast(pl.String)
+    if split.null_count() == frame.height:
+        return None
+    _fail(frame, split.is_null(), "split", "are empty while others are set",
+          "give every row train, valid or test, or drop the column to split by time")
+    _fail(frame, ~split.is_in(list(SPLITS)), "split", f"are not one of {list(SPLITS)}", "use train, valid or test")
+    per_session = pl.DataFrame({"session_id": frame["session_id"], "split": split}).unique(maintain_order=True)
+    mixed = per_session.filter(pl.col("session_id").is_duplicated())
+    if mixed.height:
+        raise ClickscoreError(f"{path}: session {mixed['session_id'][0]!r} has rows in several splits "
+                              f"({sorted(set(mixed.filter(pl.col('session_id') == mixed['session_id'][0])['split']))}); "
+                              "a session must sit in exactly one split")
+    return per_session
+
+
+def read(input_path: str | Path, notes: dict | None = None) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """A canonical CSV/Parquet/JSON-lines file -> (validated events, published split or None)."""
+    _, path = folder_of(input_path)
+    if path is None:
+        raise ClickscoreError(f"--dataset canonical: --input must be a .csv, .parquet or .jsonl file, "
+                              f"{input_path} is a folder")
+    frame = _load(path)
+    missing = [name for name in REQUIRED if name not in frame.columns]
+    if missing:
+        raise ClickscoreError(
+            f"{path} lacks column(s) {missing} (it has {frame.columns[:12]}); the canonical format needs "
+            f"{list(REQUIRED)} and optionally {list(OPTIONAL)} (see docs/data.md)")
+    extra = [name for name in frame.columns if name not in CANONICAL_SCHEMA and name != "split"]
+    if extra and notes is not None:
+        notes.setdefault("warnings", []).append(f"ignored column(s) not in the canonical format: {extra}")
+    frame = _identifiers(frame)
+    frame = frame.with_columns(_event_types(frame).alias("event_type"), _timestamps(frame).alias("timestamp"))
+    if "price" in frame.columns:
+        frame = frame.with_columns(_prices(frame).alias("price"))
+    published = _published_split(frame, path) if "split" in frame.columns else None
+    return require_rows(canonical(frame).collect(), path, DATASET), published

@@ -1,0 +1,66 @@
+"""OTTO session dataset (otto-de/recsys-dataset) -> canonical events.
+
+    frame = read("data/otto/train.jsonl", notes={})
+
+Layout as distributed: JSON lines, one session a line:
+`{"session": 0, "events": [{"aid": 1517085, "ts": 1659304800025, "type": "clicks"}, ...]}`
+with type clicks -> view, carts -> addtocart, orders -> transaction. `ts` is epoch ms
+in the official release; some re-releases (the Kaggle "otto-full-optimized" files)
+store seconds, so a log whose largest ts is below 10^11 (year 1973 in ms, year 5138
+in seconds) is read as seconds. `--input` is the file, or a folder with one *.jsonl.
+No category, no price, no user.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from stream.errors import ClickscoreError
+from training.readers.common import canonical, first_line, folder_of, require_rows
+
+DATASET = "otto"
+EVENT_TYPES = {"clicks": "view", "carts": "addtocart", "orders": "transaction"}
+SECONDS_BELOW = 10**11
+SCHEMA = {"session": pl.Int64, "events": pl.List(pl.Struct({"aid": pl.Int64, "ts": pl.Int64, "type": pl.String}))}
+
+
+def _input_file(input_path: str | Path) -> Path:
+    folder, given = folder_of(input_path)
+    if given is not None:
+        return given
+    candidates = sorted(folder.glob("*.jsonl"))
+    if len(candidates) != 1:
+        raise ClickscoreError(f"--dataset otto: expected one *.jsonl in {folder}, found "
+                              f"{[p.name for p in candidates]}; point --input at the file")
+    return candidates[0]
+
+
+def read(input_path: str | Path, notes: dict | None = None) -> pl.DataFrame:
+    """OTTO JSON lines -> canonical events (sessions and events in file order)."""
+    path = _input_file(input_path)
+    head = first_line(path)
+    if not (head.startswith("{") and '"session"' in head and '"events"' in head):
+        raise ClickscoreError(f"{path} does not look like OTTO JSON lines "
+                              '({"session": ..., "events": [{"aid", "ts", "type"}]}); '
+                              f"first line is {head[:80]!r}")
+    try:
+        rows = (pl.scan_ndjson(path, schema=SCHEMA)
+                .explode("events").unnest("events")
+                .filter(pl.col("aid").is_not_null())
+                .collect())
+    except pl.exceptions.PolarsError as exc:
+        raise ClickscoreError(f"{path}: cannot read as OTTO JSON lines ({str(exc).splitlines()[0]})") from None
+    unknown = rows.filter(~pl.col("type").is_in(list(EVENT_TYPES)))["type"].unique().to_list()
+    if unknown:
+        raise ClickscoreError(f"{path}: unknown event type {unknown[:3]}; OTTO uses {sorted(EVENT_TYPES)}")
+    in_seconds = rows.height > 0 and rows["ts"].max() < SECONDS_BELOW
+    if notes is not None:
+        notes["ts_unit"] = "s" if in_seconds else "ms"
+    frame = canonical(rows.with_columns(
+        pl.col("session").cast(pl.String).alias("session_id"),
+        pl.col("type").replace_strict(EVENT_TYPES).alias("event_type"),
+        pl.col("aid").cast(pl.String).alias("item_id"),
+        (pl.col("ts") * 1000 if in_seconds else pl.col("ts")).alias("timestamp"),
+    )).collect()
+    return require_rows(frame, path, DATASET)

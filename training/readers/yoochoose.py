@@ -1,0 +1,178 @@
+"""YOOCHOOSE (RecSys Challenge 2015) -> canonical events, raw or session-rec prepared.
+
+    frame, split = read("data/yoochoose/", notes={})
+
+Raw layout as distributed (no header, comma-separated):
+- `yoochoose-clicks.dat`: SessionId,Timestamp (2014-04-07T10:51:09.277Z),ItemId,Category
+  -> `view` events. Category is "0" (unknown -> null), 1-12, "S" (special offer) or
+  a brand id; kept as a string.
+- `yoochoose-buys.dat` (optional): SessionId,Timestamp,ItemId,Price,Quantity
+  -> `transaction` events; price 0 means unknown -> null. Quantity is not in the contract.
+
+session-rec prepared layout (tab-separated `SessionId ItemId Time`, unix seconds):
+`<prefix>_train_full.txt` + `<prefix>_test.txt`, optionally `<prefix>_train_tr.txt`
++ `<prefix>_train_valid.txt`. These carry a published split, returned as
+(session_id, split) rows. Events are those of `_train_full` and `_test`: session-rec's
+`_train_valid` also drops clicks on items unseen in `_train_tr` (and the sessions
+that leaves too short); we keep them, as evaluation counts unseen items as misses.
+So train = the `_train_tr` sessions, valid = the other `_train_full` sessions,
+test = the `_test` sessions. Without `_train_tr`/`_train_valid` only train/test are
+returned and training/split.py carves validation. No category, no price.
+
+The full clicks file (33M rows, 1.5 GB) is read lazily with explicit dtypes, ids as
+Int64 until the end; see docs/data.md for its measured peak memory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from stream.errors import ClickscoreError
+from training.readers.common import canonical, first_line, folder_of, guess_dataset, require_rows
+
+DATASET = "yoochoose"
+CLICK_COLUMNS = ("session", "time", "item", "category")
+BUY_COLUMNS = ("session", "time", "item", "price", "quantity")
+PREPARED_SUFFIXES = ("_train_full.txt", "_test.txt", "_train_tr.txt", "_train_valid.txt")
+ISO_FORMAT = "%Y-%m-%dT%H:%M:%S%.fZ"
+
+
+def _check_raw(path: Path, columns: tuple[str, ...]) -> None:
+    fields = first_line(path).split(",")
+    if len(fields) != len(columns) or "T" not in fields[1]:
+        raise ClickscoreError(
+            f"{path} does not look like a raw YOOCHOOSE file: expected {len(columns)} comma-separated "
+            f"fields without header ({','.join(columns)}, time like 2014-04-07T10:51:09.277Z), "
+            f"first line is {first_line(path)[:80]!r}")
+
+
+def _epoch_ms(column: str) -> pl.Expr:
+    return pl.col(column).str.to_datetime(ISO_FORMAT, time_unit="ms", time_zone="UTC").dt.epoch("ms")
+
+
+def read_raw(clicks_path: Path, buys_path: Path | None) -> pl.DataFrame:
+    """yoochoose-clicks.dat (+ yoochoose-buys.dat) -> canonical events, clicks first."""
+    _check_raw(clicks_path, CLICK_COLUMNS)
+    clicks = (
+        pl.scan_csv(clicks_path, has_header=False, new_columns=list(CLICK_COLUMNS),
+                    schema_overrides={"session": pl.Int64, "time": pl.String,
+                                      "item": pl.Int64, "category": pl.String})
+        .select(
+            pl.col("session"), pl.lit("view").alias("event_type"), pl.col("item"),
+            # "0" is the "no category" marker of the challenge, not a category.
+            pl.when(pl.col("category") == "0").then(None).otherwise(pl.col("category")).alias("category_id"),
+            pl.lit(None, dtype=pl.Float64).alias("price"),
+            _epoch_ms("time").alias("timestamp"),
+        )
+    )
+    parts = [clicks]
+    if buys_path is not None:
+        _check_raw(buys_path, BUY_COLUMNS)
+        parts.append(
+            pl.scan_csv(buys_path, has_header=False, new_columns=list(BUY_COLUMNS),
+                        schema_overrides={"session": pl.Int64, "time": pl.String, "item": pl.Int64,
+                                          "price": pl.Float64, "quantity": pl.Int64})
+            .select(
+                pl.col("session"), pl.lit("transaction").alias("event_type"), pl.col("item"),
+                pl.lit(None, dtype=pl.String).alias("category_id"),
+                # Price 0 marks an unknown price in the buys file.
+                pl.when(pl.col("price").is_finite() & (pl.col("price") > 0)).then(pl.col("price")).otherwise(None).alias("price"),
+                _epoch_ms("time").alias("timestamp"),
+            ))
+    frame = canonical(pl.concat(parts).with_columns(
+        pl.col("session").cast(pl.String).alias("session_id"),
+        pl.col("item").cast(pl.String).alias("item_id"),
+    )).collect(engine="streaming")
+    return require_rows(frame, clicks_path, DATASET)
+
+
+def _prepared_prefix(folder: Path, given: Path | None) -> str:
+    """The `<prefix>` of the session-rec files in `folder` (the given file's, if any)."""
+    if given is not None:
+        for suffix in PREPARED_SUFFIXES:
+            if given.name.endswith(suffix):
+                return given.name[: -len(suffix)]
+        raise ClickscoreError(
+            f"{given} is neither yoochoose-clicks.dat nor a session-rec file (*{'/*'.join(PREPARED_SUFFIXES)}); "
+            "point --input at one of those or at their folder")
+    prefixes = sorted(p.name[: -len("_train_full.txt")] for p in folder.glob("*_train_full.txt"))
+    if len(prefixes) > 1:
+        raise ClickscoreError(f"{folder} holds several session-rec datasets {prefixes}; "
+                              "point --input at one of their _train_full.txt files")
+    if not prefixes:
+        hint = guess_dataset(folder)
+        raise ClickscoreError(
+            f"--dataset yoochoose: {folder} has neither yoochoose-clicks.dat nor *_train_full.txt + *_test.txt"
+            + (f"; this looks like --dataset {hint}" if hint and hint != DATASET else ""))
+    return prefixes[0]
+
+
+def _scan_prepared(path: Path) -> pl.LazyFrame:
+    header = first_line(path).split("\t")
+    if header[:3] != ["SessionId", "ItemId", "Time"]:
+        raise ClickscoreError(f"{path} has header {header} but a session-rec file needs "
+                              "tab-separated SessionId, ItemId, Time")
+    return pl.scan_csv(path, separator="\t", schema_overrides={
+        "SessionId": pl.Int64, "ItemId": pl.Int64, "Time": pl.Float64}).select("SessionId", "ItemId", "Time")
+
+
+def read_prepared(folder: Path, prefix: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """session-rec files -> (canonical events, published (session_id, split))."""
+    paths = {suffix: folder / f"{prefix}{suffix}" for suffix in PREPARED_SUFFIXES}
+    for suffix in ("_train_full.txt", "_test.txt"):
+        if not paths[suffix].is_file():
+            raise ClickscoreError(f"{paths[suffix]} is missing: session-rec data needs both "
+                                  f"{prefix}_train_full.txt and {prefix}_test.txt")
+    full = _scan_prepared(paths["_train_full.txt"])
+    test = _scan_prepared(paths["_test.txt"])
+    events = canonical(pl.concat([full, test]).select(
+        pl.col("SessionId").cast(pl.String).alias("session_id"),
+        pl.lit("view").alias("event_type"),
+        pl.col("ItemId").cast(pl.String).alias("item_id"),
+        # Seconds with ms decimals; round, not truncate, to undo float error.
+        (pl.col("Time") * 1000).round(0).cast(pl.Int64).alias("timestamp"),
+    )).collect()
+    test_sessions = test.select(pl.col("SessionId").unique()).collect()["SessionId"]
+    full_sessions = full.select(pl.col("SessionId").unique()).collect()["SessionId"]
+    overlap = full_sessions.is_in(test_sessions.implode()).sum()
+    if overlap:
+        raise ClickscoreError(f"{overlap} sessions are in both {prefix}_train_full.txt and {prefix}_test.txt; "
+                              "these files do not form a split")
+    has_tuning = paths["_train_tr.txt"].is_file() and paths["_train_valid.txt"].is_file()
+    if has_tuning:
+        train_sessions = _scan_prepared(paths["_train_tr.txt"]).select(pl.col("SessionId").unique()).collect()
+        full_split = pl.DataFrame({"SessionId": full_sessions}).with_columns(
+            pl.when(pl.col("SessionId").is_in(train_sessions["SessionId"].implode()))
+            .then(pl.lit("train")).otherwise(pl.lit("valid")).alias("split"))
+    else:
+        full_split = pl.DataFrame({"SessionId": full_sessions, "split": "train"})
+    published = pl.concat([
+        full_split,
+        pl.DataFrame({"SessionId": test_sessions, "split": "test"}),
+    ]).select(pl.col("SessionId").cast(pl.String).alias("session_id"), "split")
+    return require_rows(events, paths["_train_full.txt"], DATASET), published
+
+
+def read(input_path: str | Path, notes: dict | None = None) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """Raw clicks (+buys) or session-rec prepared files -> (events, published split or None)."""
+    folder, given = folder_of(input_path)
+    raw_clicks = given if given is not None and given.suffix == ".dat" else (
+        folder / "yoochoose-clicks.dat" if given is None and (folder / "yoochoose-clicks.dat").is_file() else None)
+    if raw_clicks is not None:
+        if "buys" in raw_clicks.name:
+            raise ClickscoreError(f"{raw_clicks} is the buys file; point --input at yoochoose-clicks.dat "
+                                  "or its folder (the buys file beside it is read too)")
+        buys = folder / "yoochoose-buys.dat"
+        if not buys.is_file():
+            buys = None
+            if notes is not None:
+                notes.setdefault("warnings", []).append(
+                    f"no yoochoose-buys.dat beside {raw_clicks.name}: no transaction events, no buy labels")
+        if notes is not None:
+            notes["files"] = [raw_clicks.name] + ([buys.name] if buys else [])
+        return read_raw(raw_clicks, buys), None
+    prefix = _prepared_prefix(folder, given)
+    if notes is not None:
+        notes["files"] = sorted(p.name for p in folder.glob(f"{prefix}_*.txt"))
+    return read_prepared(folder, prefix)
