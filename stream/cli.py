@@ -48,9 +48,94 @@ def _simulate(p: argparse.ArgumentParser) -> None:
     add_env_option(p, "--categories", "CLICKSCORE_CATEGORIES", type=int, default=50,
                    help="number of categories")
     add_env_option(p, "--start", "CLICKSCORE_START", default="2026-01-05T00:00:00Z",
-                   help="ISO-8601 time of the first session")
+                   help="ISO-8601 start of the period sessions are spread over")
     add_env_option(p, "--days", "CLICKSCORE_DAYS", type=float, default=14.0,
                    help="days the sessions are spread over")
+
+
+def _train(p: argparse.ArgumentParser) -> None:
+    # Env names carry TRAIN_ so they never collide with the worker's CLICKSCORE_MODEL,
+    # CLICKSCORE_BATCH_SIZE or prepare's CLICKSCORE_OUT.
+    add_env_option(p, "--data", "CLICKSCORE_TRAIN_DATA", required=True,
+                   help="prepared folder (clickscore prepare --out)")
+    add_env_option(p, "--model", "CLICKSCORE_TRAIN_MODEL", choices=("gru", "dilated"), default="gru",
+                   help="model family")
+    add_env_option(p, "--out", "CLICKSCORE_TRAIN_OUT", required=True, help="checkpoint folder")
+    add_env_option(p, "--epochs", "CLICKSCORE_TRAIN_EPOCHS", type=int, default=10, help="most epochs")
+    add_env_option(p, "--batch-size", "CLICKSCORE_TRAIN_BATCH_SIZE", type=int, default=64,
+                   help="windows per step")
+    add_env_option(p, "--lr", "CLICKSCORE_TRAIN_LR", type=float, default=2e-3, help="AdamW learning rate")
+    add_env_option(p, "--weight-decay", "CLICKSCORE_TRAIN_WEIGHT_DECAY", type=float, default=1e-4,
+                   help="AdamW weight decay")
+    add_env_option(p, "--clip", "CLICKSCORE_TRAIN_CLIP", type=float, default=1.0, help="gradient-norm clip")
+    add_env_option(p, "--max-steps", "CLICKSCORE_TRAIN_MAX_STEPS", type=int, default=0,
+                   help="stop after this many optimiser steps in all (0: no limit; for tests)")
+    add_env_option(p, "--patience", "CLICKSCORE_TRAIN_PATIENCE", type=int, default=2,
+                   help="early stopping: epochs without a better validation score "
+                        "(mean of buy ROC AUC and next-item Recall@20); 0: off")
+    add_env_option(p, "--imbalance", "CLICKSCORE_TRAIN_IMBALANCE", default="none",
+                   choices=("weight", "undersample", "oversample", "none"),
+                   help="buy-class imbalance handling (see training/train.py for the measurements)")
+    add_env_option(p, "--buy-loss-weight", "CLICKSCORE_TRAIN_BUY_LOSS_WEIGHT", type=float, default=1.0,
+                   help="weight of the buy loss beside the next-item loss")
+    add_env_option(p, "--seed", "CLICKSCORE_TRAIN_SEED", type=int, default=0,
+                   help="random seed (same seed, same weights on CPU)")
+    add_env_option(p, "--device", "CLICKSCORE_TRAIN_DEVICE", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="torch device (auto: CUDA when present)")
+    add_env_option(p, "--threads", "CLICKSCORE_TRAIN_THREADS", type=int, default=0,
+                   help="torch CPU threads (0: torch's default)")
+    add_env_option(p, "--embedding-dim", "CLICKSCORE_TRAIN_EMBEDDING_DIM", type=int, default=64,
+                   help="item embedding width (the projected input width)")
+    add_env_option(p, "--hidden-dim", "CLICKSCORE_TRAIN_HIDDEN_DIM", type=int, default=96,
+                   help="GRU state / convolution channels")
+    add_env_option(p, "--dropout", "CLICKSCORE_TRAIN_DROPOUT", type=float, default=0.1, help="dropout")
+    add_env_option(p, "--min-item-count", "CLICKSCORE_TRAIN_MIN_ITEM_COUNT", type=int, default=1,
+                   help="items seen fewer times in train map to out-of-vocabulary")
+    add_env_option(p, "--max-valid-windows", "CLICKSCORE_TRAIN_MAX_VALID_WINDOWS", type=int, default=20000,
+                   help="validate on at most this many windows (a fixed random subset)")
+
+
+def _export(p: argparse.ArgumentParser) -> None:
+    add_env_option(p, "--checkpoint", "CLICKSCORE_EXPORT_CHECKPOINT", required=True,
+                   help="checkpoint folder (clickscore train --out)")
+    add_env_option(p, "--out", "CLICKSCORE_EXPORT_OUT", required=True,
+                   help="model folder to write, e.g. onnx_models/NAME")
+    add_env_option(p, "--name", "CLICKSCORE_EXPORT_NAME", help="model name (default: the --out folder's name)")
+    add_env_option(p, "--model-version", "CLICKSCORE_EXPORT_MODEL_VERSION", default="1", help="model version")
+    add_env_option(p, "--opset", "CLICKSCORE_EXPORT_OPSET", type=int, default=17, help="ONNX opset (>= 17)")
+    add_env_option(p, "--tolerance", "CLICKSCORE_EXPORT_TOLERANCE", type=float, default=1e-5,
+                   help="largest allowed |PyTorch - onnxruntime| difference in the parity check")
+    add_env_option(p, "--data-command", "CLICKSCORE_EXPORT_DATA_COMMAND",
+                   help="what made the data before `clickscore prepare` (e.g. the `clickscore "
+                        "simulate` line; several joined by ' && '), listed in the model card")
+
+
+def _evaluate(p: argparse.ArgumentParser) -> None:
+    from stream.settings import _bool
+    # Env names carry EVAL_ so they never collide with the worker's CLICKSCORE_MODEL.
+    add_env_option(p, "--model", "CLICKSCORE_EVAL_MODEL", required=True,
+                   help="exported model folder (model.onnx) or training checkpoint folder (checkpoint.pt)")
+    add_env_option(p, "--data", "CLICKSCORE_EVAL_DATA", required=True,
+                   help="prepared folder (clickscore prepare --out) of the dataset the model was trained on")
+    add_env_option(p, "--split", "CLICKSCORE_EVAL_SPLIT", default="test", choices=("test", "valid"),
+                   help="split to evaluate on")
+    add_env_option(p, "--json", "CLICKSCORE_EVAL_JSON", type=_bool, nargs="?", const=True, default=False,
+                   help="print the metrics as one JSON object on stdout")
+    add_env_option(p, "--report", "CLICKSCORE_EVAL_REPORT", default="",
+                   help="also write a Markdown report here (plots as PNGs beside it)")
+    add_env_option(p, "--bootstrap", "CLICKSCORE_EVAL_BOOTSTRAP", type=int, default=1000,
+                   help="session bootstrap resamples for the 95%% intervals (0: none)")
+    add_env_option(p, "--seed", "CLICKSCORE_EVAL_SEED", type=int, default=0,
+                   help="seed of the bootstrap and the baselines")
+    add_env_option(p, "--baselines", "CLICKSCORE_EVAL_BASELINES", type=_bool, nargs="?", const=True,
+                   default=True, help="also fit and score the baselines (--baselines false: off)")
+    add_env_option(p, "--baseline-train", "CLICKSCORE_EVAL_BASELINE_TRAIN", default="train+valid",
+                   choices=("train+valid", "train"),
+                   help="splits the baselines are fitted on (valid is added only when evaluating test)")
+    add_env_option(p, "--threads", "CLICKSCORE_EVAL_THREADS", type=int, default=0,
+                   help="onnxruntime/torch CPU threads (0: their default)")
+    add_env_option(p, "--verbose", "CLICKSCORE_EVAL_VERBOSE", type=_bool, nargs="?", const=True,
+                   default=False, help="log progress to stderr")
 
 
 def _broker(p: argparse.ArgumentParser) -> None:
@@ -68,15 +153,132 @@ def _worker(p: argparse.ArgumentParser) -> None:
         "rebalance_timeout_ms", "log_level"))
 
 
+def _sink(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=("webhook",), help="where triggers go: webhook = HTTP POST")
+    add_env_option(p, "--url", "CLICKSCORE_SINK_URL", required=True,
+                   help="webhook URL each trigger is POSTed to as JSON")
+    add_env_option(p, "--group", "CLICKSCORE_SINK_GROUP", default="clickscore-sink",
+                   help="consumer group (offsets are committed only after delivery)")
+    add_env_option(p, "--dlq-topic", "CLICKSCORE_SINK_DLQ_TOPIC", default="triggers-dlq",
+                   help="dead-letter topic for triggers that could not be delivered")
+    add_env_option(p, "--max-attempts", "CLICKSCORE_SINK_MAX_ATTEMPTS", type=int, default=5,
+                   help="attempts per trigger before it is dead-lettered")
+    add_env_option(p, "--initial-backoff-s", "CLICKSCORE_SINK_INITIAL_BACKOFF_S", type=float,
+                   default=0.5, help="wait after the first failed attempt, doubled after each")
+    add_env_option(p, "--max-backoff-s", "CLICKSCORE_SINK_MAX_BACKOFF_S", type=float, default=30.0,
+                   help="longest wait between attempts")
+    add_env_option(p, "--timeout-s", "CLICKSCORE_SINK_TIMEOUT_S", type=float, default=10.0,
+                   help="timeout of one HTTP attempt, seconds")
+    add_env_option(p, "--concurrency", "CLICKSCORE_SINK_CONCURRENCY", type=int, default=8,
+                   help="triggers in flight at once (1 keeps partition order)")
+    add_env_option(p, "--metrics-port", "CLICKSCORE_SINK_METRICS_PORT", type=int, default=9466,
+                   dest="sink_metrics_port", help="Prometheus metrics port of the sink (-1: off)")
+    add_env_option(p, "--max-messages", "CLICKSCORE_SINK_MAX_MESSAGES", type=int, default=0,
+                   help="exit after committing this many triggers (0: run until stopped)")
+    add_env_option(p, "--idle-exit-s", "CLICKSCORE_SINK_IDLE_EXIT_S", type=float, default=0.0,
+                   help="exit after this long without a trigger (0: run until stopped)")
+    add_settings(p, KAFKA_SETTINGS + ("triggers_topic", "metrics_host", "session_timeout_ms",
+                                      "heartbeat_interval_ms", "rebalance_timeout_ms", "log_level"))
+
+
+def _replay(p: argparse.ArgumentParser) -> None:
+    from stream.replay import parse_count, parse_gap, parse_rate, parse_speed, parse_time
+    from stream.settings import _bool, _positive_int
+    add_env_option(p, "--input", "CLICKSCORE_INPUT", required=True,
+                   help="click log: a prepared folder, a canonical .parquet/.csv, JSON lines of "
+                        "click events (.jsonl), or a public dataset as distributed (with --dataset)")
+    add_env_option(p, "--dataset", "CLICKSCORE_DATASET", default="auto",
+                   choices=("auto", "prepared", "jsonl") + DATASETS,
+                   help="input format; auto detects prepared folders, canonical files and JSON lines")
+    add_env_option(p, "--topic", "CLICKSCORE_INPUT_TOPIC", default="clicks", help="topic to produce to")
+    add_env_option(p, "--speed", "CLICKSCORE_REPLAY_SPEED", type=parse_speed, default="max",
+                   help="1 = real time (event-time gaps reproduced), 60 = sixty times faster, "
+                        "max = as fast as the broker takes it")
+    add_env_option(p, "--rate", "CLICKSCORE_REPLAY_RATE", type=parse_rate,
+                   help="cap on events per second (with any --speed)")
+    add_env_option(p, "--max-gap-s", "CLICKSCORE_REPLAY_MAX_GAP_S", type=parse_gap,
+                   help="longest pause between two events as replayed, wall seconds "
+                        "(default: none, gaps reproduced in full)")
+    add_env_option(p, "--restamp", "CLICKSCORE_REPLAY_RESTAMP", type=_bool, nargs="?", const=True,
+                   default=False,
+                   help="set each event's timestamp to the wall time it is replayed at (gaps as "
+                        "replayed: original/speed); default keeps the original event time")
+    add_env_option(p, "--from", "CLICKSCORE_REPLAY_FROM", type=parse_time, dest="from_ms",
+                   help="first event time to replay, ISO-8601 or epoch ms (inclusive)")
+    add_env_option(p, "--to", "CLICKSCORE_REPLAY_TO", type=parse_time, dest="to_ms",
+                   help="event time to stop before, ISO-8601 or epoch ms (exclusive)")
+    add_env_option(p, "--skip", "CLICKSCORE_REPLAY_SKIP", type=parse_count, default=0,
+                   help="skip the first N events of the selection (resume a stopped replay)")
+    add_env_option(p, "--limit", "CLICKSCORE_REPLAY_LIMIT", type=parse_count,
+                   help="send at most N events")
+    add_env_option(p, "--session-gap-minutes", "CLICKSCORE_SESSION_GAP_MINUTES", type=float, default=30.0,
+                   help="inactivity gap that starts a new session, for logs without session ids")
+    add_env_option(p, "--replication-factor", "CLICKSCORE_REPLAY_REPLICATION_FACTOR", type=_positive_int,
+                   default=1, help="replication factor if the topic has to be created")
+    add_env_option(p, "--linger-ms", "CLICKSCORE_REPLAY_LINGER_MS", type=parse_count, default=5,
+                   help="producer linger.ms: wait this long to fill a batch")
+    add_env_option(p, "--producer-batch-bytes", "CLICKSCORE_REPLAY_BATCH_BYTES", type=_positive_int,
+                   default=65536, help="producer batch.size in bytes")
+    add_env_option(p, "--retries", "CLICKSCORE_REPLAY_RETRIES", type=parse_count, default=5,
+                   help="producer retries before a send counts as failed")
+    add_env_option(p, "--delivery-timeout-ms", "CLICKSCORE_REPLAY_DELIVERY_TIMEOUT_MS",
+                   type=_positive_int, default=30000,
+                   help="give up on a send (and report it) after this long")
+    add_env_option(p, "--progress", "CLICKSCORE_REPLAY_PROGRESS", type=_bool, nargs="?", const=True,
+                   default=True, help="show a progress bar on stderr (--progress false: off)")
+    add_env_option(p, "--json", "CLICKSCORE_REPLAY_JSON", type=_bool, nargs="?", const=True,
+                   default=False, help="print the summary as one JSON line")
+    add_settings(p, KAFKA_SETTINGS + ("partitions",))
+
+
+def _demo(p: argparse.ArgumentParser) -> None:
+    from stream.replay import parse_rate, parse_speed
+    from stream.settings import _bool
+    add_env_option(p, "--duration", "CLICKSCORE_DEMO_DURATION", type=float, default=60.0,
+                   help="seconds of replay before the demo stops by itself")
+    add_env_option(p, "--input", "CLICKSCORE_DEMO_INPUT",
+                   help="click log to replay (default: `clickscore simulate` output in a temp dir)")
+    add_env_option(p, "--dataset", "CLICKSCORE_DEMO_DATASET", default="auto",
+                   choices=("auto", "prepared", "jsonl") + DATASETS, help="format of --input")
+    add_env_option(p, "--sessions", "CLICKSCORE_DEMO_SESSIONS", type=int, default=1000,
+                   help="sessions to simulate when no --input is given")
+    add_env_option(p, "--seed", "CLICKSCORE_DEMO_SEED", type=int, default=0, help="simulation seed")
+    add_env_option(p, "--rate", "CLICKSCORE_DEMO_RATE", type=parse_rate, default="200",
+                   help="replay rate cap, events per second")
+    add_env_option(p, "--speed", "CLICKSCORE_DEMO_SPEED", type=parse_speed, default="max",
+                   help="replay speed (1 = real time, max = only the --rate cap)")
+    add_env_option(p, "--refresh-s", "CLICKSCORE_DEMO_REFRESH_S", type=float, default=1.0,
+                   help="seconds between redraws of the live view")
+    add_env_option(p, "--view", "CLICKSCORE_DEMO_VIEW", default="auto", choices=("auto", "ansi", "plain"),
+                   help="live view: ansi redraw (auto on a terminal) or plain status lines")
+    add_env_option(p, "--top", "CLICKSCORE_DEMO_TOP", type=int, default=5,
+                   help="sessions shown in the buy-probability ranking")
+    add_env_option(p, "--json", "CLICKSCORE_DEMO_JSON", type=_bool, nargs="?", const=True, default=False,
+                   help="also print the summary as one JSON line")
+    add_settings(p, ("model", "execution_provider", "partitions", "log_level"))
+
+
 # name -> (help, argument builder, "module:function" run with the parsed args)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
     "prepare": ("read a public click log into the canonical format, split and describe it",
                 _prepare, "training.prepare:run"),
     "simulate": ("generate a synthetic click log in the canonical format",
                  _simulate, "training.simulate:run"),
+    "train": ("train a GRU or dilated-convolution session model on a prepared folder",
+              _train, "training.train:run"),
+    "export": ("export a checkpoint to ONNX with metadata, model card and a parity check",
+               _export, "training.export:run"),
+    "evaluate": ("offline metrics of a model on a prepared folder, beside popular/SKNN/aggregate baselines",
+                 _evaluate, "training.evaluate:run"),
     "broker": ("run the embedded Kafka-compatible broker (Tansu) on loopback",
                _broker, "stream.broker:run"),
     "worker": ("run the streaming scorer (Faust worker)", _worker, "stream.app:run"),
+    "sink": ("deliver marketing triggers to a webhook (at least once, dead-letters failures)",
+             _sink, "stream.sink:run"),
+    "replay": ("replay a click log into a topic in event-time order at a chosen speed",
+               _replay, "stream.replay:run"),
+    "demo": ("run broker, worker and a replayed log with a live view; print buy AUC and Recall@20",
+             _demo, "stream.demo:run"),
 }
 
 

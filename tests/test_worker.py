@@ -1,0 +1,342 @@
+"""The streaming scorer end to end: a real `clickscore worker` subprocess on the real
+embedded broker, a model made by the real `clickscore train` + `clickscore export`,
+real Taobao events (with purchases) and simulated sessions (some longer than the
+100-event window), malformed input, and a SIGKILL in the middle of the stream."""
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # bench/ is not an installed package
+
+from bench.workerkit import (CLICKSCORE, WorkerProcess, build_model, offline_scores, produce,  # noqa: E402
+                             read_topic, values)
+from conftest import free_port  # noqa: E402
+
+TOP_K = 5
+MAX_MESSAGE_BYTES = 4096
+LONG_TIMEOUT = ["--session-timeout-s", str(100 * 86400)]   # compare with whole-log sessions
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def scorer(model_dir):
+    from stream.scoring import ModelScorer
+    return ModelScorer(model_dir, provider="cpu")
+
+
+def topics() -> dict[str, str]:
+    run = uuid.uuid4().hex[:8]
+    return {name: f"{name}-{run}" for name in ("input", "scores", "next_items", "dlq", "triggers")}
+
+
+def event_dicts(frame: pl.DataFrame, prefix: str) -> list[dict]:
+    out = []
+    for i, row in enumerate(frame.iter_rows(named=True)):
+        event = {k: row[k] for k in ("session_id", "event_type", "item_id", "category_id", "price",
+                                     "timestamp", "user_id", "event_id") if row.get(k) is not None}
+        event["session_id"] = f"{prefix}{event['session_id']}"
+        event["event_id"] = f"{prefix}{i}"
+        out.append(event)
+    return out
+
+
+@pytest.fixture(scope="module")
+def click_log(datasets, tmp_path_factory) -> list[dict]:
+    """Real Taobao sessions (about 10% buy) and simulated ones, interleaved by event time
+    within each source, as a shop would send them."""
+    from training.readers import taobao
+
+    real = taobao.read(datasets / "taobao-userbehavior", 30.0)
+    buyers = real.filter(pl.col("event_type") == "transaction")["session_id"].unique().sort().head(40)
+    others = real["session_id"].unique().sort().head(160)
+    real = real.filter(pl.col("session_id").is_in(buyers.to_list()) | pl.col("session_id").is_in(others.to_list()))
+    sim_path = tmp_path_factory.mktemp("sim") / "sim.parquet"
+    subprocess.run([CLICKSCORE, "simulate", "--sessions", "250", "--seed", "11", "--buy-share", "0.2",
+                    "--out", str(sim_path)], check=True, capture_output=True)
+    sim = pl.read_parquet(sim_path)
+    events = event_dicts(real.sort("timestamp", maintain_order=True), "tb-") + \
+        event_dicts(sim.sort("timestamp", maintain_order=True), "sim-")
+    lengths = Counter(e["session_id"] for e in events)
+    assert max(lengths.values()) > 100, "the log must hold a session longer than the window"
+    assert any(e["event_type"] == "transaction" and e["session_id"].startswith("tb-") for e in events)
+    return events
+
+
+def by_session(events: list[dict]) -> dict[str, list[dict]]:
+    sessions: dict[str, list[dict]] = defaultdict(list)
+    for e in events:
+        sessions[e["session_id"]].append(e)
+    return sessions
+
+
+def expected_buyer_events(events: list[dict]) -> tuple[set[str], set[str]]:
+    """(event ids that get a buy probability, event ids of each session's first transaction)."""
+    scored, outcomes = set(), set()
+    for session in by_session(events).values():
+        for e in session:
+            if e["event_type"] == "transaction":
+                outcomes.add(e["event_id"])
+                break
+            scored.add(e["event_id"])
+    return scored, outcomes
+
+
+MALFORMED = [  # (key, value, reason)
+    (b"k1", b"\xff\xfe\x00 not utf-8", "undecodable"),
+    (b"k2", b'{"session_id": "s", "event_type": ', "invalid_json"),
+    (b"k3", json.dumps({"event_type": "view", "item_id": "1", "timestamp": 1767571253772}).encode(),
+     "missing_field"),
+    (b"s4", json.dumps({"session_id": "s4", "event_type": "wishlist", "item_id": "1",
+                        "timestamp": 1767571253772}).encode(), "unknown_event_type"),
+    (b"s5", json.dumps({"session_id": "s5", "event_type": "view", "item_id": "1",
+                        "timestamp": 1767571253772, "pad": "x" * MAX_MESSAGE_BYTES}).encode(), "oversized_message"),
+    (b"other-key", json.dumps({"session_id": "s6", "event_type": "view", "item_id": "1",
+                               "timestamp": 1767571253772}).encode(), "key_mismatch"),
+    (b"s7", None, "empty_message"),
+]
+
+
+def assert_matches_offline(emitted_scores: list[dict], emitted_items: list[dict], reference: dict) -> None:
+    worst = 0.0
+    for record in emitted_scores:
+        if record["outcome"] is None:
+            buy, _, _, count = reference[record["event_id"]]
+            worst = max(worst, abs(record["buy_probability"] - buy))
+            assert record["event_count"] == count
+    assert worst <= 1e-5, f"streaming buy probability differs from offline by {worst}"
+    for record in emitted_items:
+        _, items, scores, count = reference[record["event_id"]]
+        assert record["event_count"] == count
+        assert np.max(np.abs(np.array(record["scores"]) - np.array(scores))) <= 1e-5
+        if record["items"] != items:   # only a near-tie may swap places
+            for a, b, sa, sb in zip(record["items"], items, record["scores"], scores):
+                assert a == b or abs(sa - sb) <= 1e-5, (record["event_id"], record["items"], items)
+
+
+def test_worker_scores_every_event_like_offline_and_dead_letters_bad_input(
+        broker, model_dir, scorer, click_log, tmp_path):
+    t = topics()
+    records = [(e["session_id"].encode(), json.dumps(e).encode()) for e in click_log]
+    # Malformed messages spread through the stream: the worker must carry on past each.
+    step = len(records) // (len(MALFORMED) + 1)
+    stream = list(records)
+    for i, (key, value, _) in enumerate(MALFORMED):
+        stream.insert((i + 1) * step + i, (key, value))
+    started = time.monotonic()
+    worker = WorkerProcess(broker, model_dir, t, f"app-{uuid.uuid4().hex[:8]}", tmp_path / "worker.log",
+                           free_port(), ["--top-k", str(TOP_K), "--max-message-bytes", str(MAX_MESSAGE_BYTES),
+                                         "--batch-size", "64", *LONG_TIMEOUT])
+    with worker:
+        produce(broker, t["input"], stream)
+        n_valid = len(click_log)
+        items = read_topic(broker, t["next_items"], lambda r: len(r) >= n_valid, timeout=240)
+        want_scored, want_outcomes = expected_buyer_events(click_log)
+        scores = read_topic(broker, t["scores"],
+                            lambda r: len(r) >= len(want_scored) + len(want_outcomes), timeout=60)
+        dlq = read_topic(broker, t["dlq"], lambda r: len(r) >= len(MALFORMED), timeout=60)
+        assert worker.proc.poll() is None, worker.log()[-3000:]
+    elapsed = time.monotonic() - started
+
+    item_values, score_values, dlq_values = values(items), values(scores), values(dlq)
+    # One next-item event per valid event, one buy probability per event before the
+    # session's first transaction, one outcome event per buying session, nothing more.
+    assert sorted(v["event_id"] for v in item_values) == sorted(e["event_id"] for e in click_log)
+    probabilities = [v["event_id"] for v in score_values if v["outcome"] is None]
+    assert sorted(probabilities) == sorted(want_scored)
+    outcomes = [v for v in score_values if v["outcome"] == "transaction"]
+    assert sorted(v["event_id"] for v in outcomes) == sorted(want_outcomes)
+    assert all(v["buy_probability"] is None for v in outcomes)
+    assert all(0.0 <= v["buy_probability"] <= 1.0 for v in score_values if v["outcome"] is None)
+    # Dead letters: reason, detail and the original bytes, position included.
+    assert sorted(v["reason"] for v in dlq_values) == sorted(reason for _, _, reason in MALFORMED)
+    originals = {reason: value or b"" for _, value, reason in MALFORMED}
+    for v in dlq_values:
+        assert base64.b64decode(v["original_b64"]) == originals[v["reason"]]
+        assert v["detail"] and v["topic"] == t["input"] and v["offset"] >= 0 and v["partition"] >= 0
+    assert len(stream) == len(item_values) + len(dlq_values)      # in = scored + dead-lettered
+    # Keyed by session, carrying the model and the input's time.
+    first = item_values[0]
+    assert {"session_id", "event_id", "timestamp", "event_count", "model_name", "model_version",
+            "processing_ms", "items", "scores"} <= set(first)
+    assert first["model_name"] == "testgru" and first["model_version"] == "3"
+    assert all(r.key == json.loads(r.value)["session_id"].encode() for r in items[:50])
+    assert all(len(v["items"]) == TOP_K for v in item_values)
+    # Streaming equals offline on the same log, sessions beyond the window included.
+    reference = offline_scores(scorer, by_session(click_log), TOP_K)
+    assert_matches_offline(score_values, item_values, reference)
+    long_ids = {e["event_id"] for s in by_session(click_log).values() if len(s) > 100 for e in s[100:]}
+    assert long_ids & {v["event_id"] for v in item_values}
+    print(f"\n{len(stream)} messages scored in {elapsed:.1f} s (worker start included)")
+
+
+def test_killed_worker_resumes_from_offsets_and_restored_state(broker, model_dir, scorer, tmp_path):
+    t = topics()
+    sim_path = tmp_path / "sim.parquet"
+    subprocess.run([CLICKSCORE, "simulate", "--sessions", "300", "--seed", "12", "--buy-share", "0.2",
+                    "--out", str(sim_path)], check=True, capture_output=True)
+    log = event_dicts(pl.read_parquet(sim_path).sort("timestamp", maintain_order=True), "k-")
+    app_id = f"app-{uuid.uuid4().hex[:8]}"
+    args = ["--top-k", str(TOP_K), "--batch-size", "32", *LONG_TIMEOUT]
+    metadata = produce(broker, t["input"], [(e["session_id"].encode(), json.dumps(e).encode()) for e in log])
+    input_partition = {e["session_id"]: m.partition for e, m in zip(log, metadata)}
+
+    first = WorkerProcess(broker, model_dir, t, app_id, tmp_path / "first.log", free_port(), args).start()
+    try:
+        read_topic(broker, t["next_items"], lambda r: len(r) >= len(log) // 3, timeout=180, settle=0)
+    finally:
+        first.kill()   # SIGKILL: no commit, no flush, no goodbye
+    emitted_before = values(read_topic(broker, t["next_items"], lambda r: True, timeout=5, settle=0.5))
+    before_restart = {v["event_id"] for v in emitted_before}
+    sessions_before = {v["session_id"] for v in emitted_before}
+    assert 0 < len(before_restart) < len(log), "the kill must land mid-stream"
+
+    with WorkerProcess(broker, model_dir, t, app_id, tmp_path / "second.log", free_port(), args) as second:
+        items = read_topic(broker, t["next_items"],
+                           lambda r: len({json.loads(x.value)["event_id"] for x in r}) >= len(log), timeout=240)
+        want_scored, want_outcomes = expected_buyer_events(log)
+        scores = read_topic(broker, t["scores"], lambda r: len({json.loads(x.value)["event_id"] for x in r})
+                            >= len(want_scored) + len(want_outcomes), timeout=60)
+        assert second.proc.poll() is None, second.log()[-3000:]
+
+    item_values, score_values = values(items), values(scores)
+    # Every event scored; duplicates (re-delivery of what was not committed) are
+    # allowed, and every copy carries the same numbers: dedupe by event id.
+    assert {v["event_id"] for v in item_values} == {e["event_id"] for e in log}
+    assert {v["event_id"] for v in score_values} == want_scored | want_outcomes
+    duplicates = len(item_values) - len(log)
+    # ...and equal an uninterrupted run (= offline, shown by the test above): state
+    # restored from the changelog, not restarted empty.
+    reference = offline_scores(scorer, by_session(log), TOP_K)
+    assert_matches_offline(score_values, item_values, reference)
+    resumed = [v for v in item_values if v["event_id"] not in before_restart]
+    assert any(v["session_id"] in sessions_before for v in resumed)   # sessions spanning the kill
+    # Each session's changelog records sit in the partition of its input events (a
+    # batch spans partitions; a write to the batch's last event's partition would be
+    # restored by the wrong worker after a rebalance).
+    changelog = read_topic(broker, f"{app_id}-sessions-changelog", lambda r: False, timeout=5, settle=0)
+    assert changelog
+    for record in changelog:
+        assert record.partition == input_partition[record.key.decode()], record.key
+    print(f"\n{len(resumed)} events scored after the restart, {duplicates} duplicates")
+
+
+def test_worker_refuses_a_model_that_does_not_match(broker, model_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    features = json.loads((bad / "features.json").read_text())
+    features["items"] = features["items"][:-1]
+    features.pop("vocab_hash")
+    (bad / "features.json").write_text(json.dumps(features))
+    started = time.monotonic()
+    done = subprocess.run([CLICKSCORE, "worker", "--broker", broker, "--model", str(bad), "--metrics-port", "0",
+                           "--web-port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "vocab_hash" in done.stderr and "error" in done.stderr
+    assert time.monotonic() - started < 15
+
+
+def test_idle_sessions_are_evicted_on_the_event_time_watermark(broker, model_dir, tmp_path):
+    t = topics()
+    sim_path = tmp_path / "sim.parquet"
+    subprocess.run([CLICKSCORE, "simulate", "--sessions", "60", "--seed", "13", "--out", str(sim_path)],
+                   check=True, capture_output=True)
+    log = event_dicts(pl.read_parquet(sim_path).sort("timestamp", maintain_order=True), "old-")
+    last = max(e["timestamp"] for e in log)
+    # Sessions that start a month later move every partition's watermark past the old ones.
+    late = [{"session_id": f"late-{i}", "event_type": "view", "item_id": "1", "timestamp": last + 30 * 86_400_000,
+             "event_id": f"late-{i}"} for i in range(24)]
+    app_id = f"app-{uuid.uuid4().hex[:8]}"
+    with WorkerProcess(broker, model_dir, t, app_id, tmp_path / "worker.log", free_port(),
+                       ["--session-timeout-s", "1800"]) as worker:
+        metadata = produce(broker, t["input"], [(e["session_id"].encode(), json.dumps(e).encode()) for e in log])
+        read_topic(broker, t["next_items"], lambda r: len(r) >= len(log), timeout=120, settle=0)
+        time.sleep(6)   # the next batch after EVICTION_SCAN_S runs a scan
+        late_metadata = produce(broker, t["input"],
+                                [(e["session_id"].encode(), json.dumps(e).encode()) for e in late])
+        read_topic(broker, t["next_items"], lambda r: len(r) >= len(log) + len(late), timeout=60, settle=0)
+        changelog_name = f"{app_id}-sessions-changelog"
+        old_sessions = {e["session_id"] for e in log}
+        changelog = read_topic(broker, changelog_name, lambda r: {x.key.decode() for x in r if x.value is None}
+                               >= old_sessions, timeout=30, settle=0.5)
+        assert worker.proc.poll() is None, worker.log()[-3000:]
+    partition_of = {e["session_id"]: m.partition for e, m in zip(log + late, metadata + late_metadata)}
+    tombstones = [r for r in changelog if r.value is None]
+    assert {r.key.decode() for r in tombstones} == old_sessions      # every old session, no late one
+    assert all(r.partition == partition_of[r.key.decode()] for r in tombstones)
+    assert "evicted" in worker.log()
+
+
+def test_triggers_fire_as_the_rule_engine_says_on_the_streamed_probabilities(broker, model_dir, scorer, tmp_path):
+    from stream.triggers import ScoreObservation, parse_rules
+
+    t = topics()
+    sim_path = tmp_path / "sim.parquet"
+    subprocess.run([CLICKSCORE, "simulate", "--sessions", "120", "--seed", "14", "--buy-share", "0.2",
+                    "--out", str(sim_path)], check=True, capture_output=True)
+    log = event_dicts(pl.read_parquet(sim_path).sort("timestamp", maintain_order=True), "tr-")
+    reference = offline_scores(scorer, by_session(log), TOP_K)
+    want_scored, _ = expected_buyer_events(log)
+    # Thresholds from this model's own probabilities, so both rules fire on some sessions.
+    seen = np.unique([reference[i][0] for i in want_scored])
+
+    def between(q: float) -> float:
+        """A threshold halfway between two observed probabilities: float noise cannot flip a rule."""
+        i = int(np.clip(np.searchsorted(seen, np.percentile(seen, q)), 1, len(seen) - 1))
+        return float((seen[i - 1] + seen[i]) / 2)
+
+    p25, p40, p50, p60 = (between(q) for q in (25, 40, 50, 60))
+    rules_text = f"""
+[[rule]]
+name = "hot"
+kind = "high_intent"
+fire_above = {p50}
+rearm_below = {p25}
+cooldown_s = 60
+
+[[rule]]
+name = "cooling"
+kind = "abandonment"
+armed_above = {p60}
+fire_below = {p40}
+once_per_session = true
+"""
+    (tmp_path / "rules.toml").write_text(rules_text)
+    rules = parse_rules(rules_text)
+    expected = set()
+    for session in by_session(log).values():
+        state, has_cart = None, False
+        for k, e in enumerate(session):
+            if e["event_type"] == "transaction":
+                break
+            has_cart = has_cart or e["event_type"] == "addtocart"
+            state, fired = rules.evaluate(state, ScoreObservation(
+                e["session_id"], reference[e["event_id"]][0], e["timestamp"], has_cart, k + 1, e["event_id"]))
+            expected |= {f.trigger_id for f in fired}
+    assert expected
+
+    with WorkerProcess(broker, model_dir, t, f"app-{uuid.uuid4().hex[:8]}", tmp_path / "worker.log", free_port(),
+                       ["--rules", str(tmp_path / "rules.toml"), *LONG_TIMEOUT]) as worker:
+        produce(broker, t["input"], [(e["session_id"].encode(), json.dumps(e).encode()) for e in log])
+        read_topic(broker, t["next_items"], lambda r: len(r) >= len(log), timeout=120, settle=0)
+        triggers = values(read_topic(broker, t["triggers"], lambda r: len(r) >= len(expected), timeout=30))
+        assert worker.proc.poll() is None, worker.log()[-3000:]
+    assert sorted(v["trigger_id"] for v in triggers) == sorted(expected)
+    assert {v["rule"] for v in triggers} == {"hot", "cooling"}

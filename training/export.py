@@ -1,0 +1,307 @@
+"""`clickscore export`: checkpoint folder -> ONNX model folder that ModelScorer serves.
+
+    clickscore export --checkpoint runs/gru --out onnx_models/gru-sim --model-version 2
+    clickscore export --checkpoint runs/default --out onnx_models/default --name default \
+        --data-command "clickscore simulate --sessions 20000 --seed 0 --out data/sim.parquet"
+
+Writes OUT/model.onnx (legacy TorchScript exporter, dynamo=False: the dynamo exporter
+has mis-exported nn.GRU; opset >= 17, batch axis dynamic, W fixed), OUT/features.json
+and OUT/model_card.md. The graph is a thin wrapper: the 10 inputs of
+stream.features.INPUT_NAMES in, the state read at position length-1, and
+`buy_probability` (sigmoid, (B,)) and `next_item_scores` (logits, (B, n_items)) out;
+metadata_props as docs/CONTRACTS.md lists them, plus `dataset`.
+
+Parity check on every export: the eager PyTorch wrapper and stream.scoring.ModelScorer
+(onnxruntime, the runtime the worker uses) score the real validation windows the
+training run saved (parity_inputs.npz); a max abs difference above --tolerance (1e-5)
+on either output fails the export. The folder is written under a temporary name and
+only moved to OUT once it passed, so a failed export leaves no OUT folder behind (and
+an existing OUT from an earlier export untouched).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from stream.errors import ClickscoreError
+from stream.events import SCHEMA_VERSION
+from stream.features import INPUT_NAMES, WINDOW
+from stream.scoring import CARD_FILE, FEATURES_FILE, MODEL_FILE, OUTPUT_NAMES, ModelScorer
+from training.checkpoint import load_checkpoint
+
+PARITY_FILE = "parity_inputs.npz"
+LOG_FILE = "train_log.json"
+MIN_OPSET = 17
+HEADS = "buy,next_item"
+
+
+class ExportError(ClickscoreError):
+    """An export that failed (parity, opset, missing inputs); nothing was written to --out."""
+
+
+class LastPositionScorer(nn.Module):
+    """The served graph: 10 inputs -> (buy_probability (B,), next_item_scores (B, n_items)).
+
+    Reads the causal state at position length-1 *before* the heads, so the next-item
+    matmul runs once per window, not once per position.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, event_type, item, category, hour, weekday, month, week, dwell, price, length):
+        hidden = self.model.encode(event_type, item, category, hour, weekday, month, week, dwell, price)  # (B, W, H)
+        last = (length - 1).clamp(min=0)                                   # (B,); empty window reads position 0
+        index = last.view(-1, 1, 1).expand(-1, 1, hidden.size(2))         # (B, 1, H)
+        state = hidden.gather(1, index).squeeze(1)                         # (B, H)
+        buy_probability = torch.sigmoid(self.model.heads.buy_logit(state))  # (B,)
+        next_item_scores = self.model.heads.next_item_logits(state)         # (B, n_items)
+        return buy_probability, next_item_scores
+
+
+def load_parity_inputs(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise ExportError(f"{path} not found: the checkpoint folder must hold the real validation "
+                          "windows `clickscore train` saves for the parity check")
+    with np.load(path) as data:
+        missing = [n for n in INPUT_NAMES if n not in data]
+        if missing:
+            raise ExportError(f"{path} lacks inputs {missing}")
+        return {n: data[n] for n in INPUT_NAMES}
+
+
+@torch.no_grad()
+def eager_outputs(wrapper: nn.Module, inputs: dict[str, np.ndarray], batch_size: int = 128):
+    wrapper.eval()
+    buys, scores = [], []
+    n = len(inputs["length"])
+    for i in range(0, n, batch_size):
+        buy, score = wrapper(*(torch.from_numpy(inputs[name][i:i + batch_size]) for name in INPUT_NAMES))
+        buys.append(buy.numpy())
+        scores.append(score.numpy())
+    return np.concatenate(buys), np.concatenate(scores)
+
+
+def check_parity(wrapper: nn.Module, model_dir: str | Path, inputs: dict[str, np.ndarray],
+                 tolerance: float = 1e-5) -> dict[str, float]:
+    """Max |eager - onnxruntime| per output on `inputs`; raises ExportError above tolerance."""
+    scorer = ModelScorer(model_dir, provider="cpu")
+    torch_buy, torch_scores = eager_outputs(wrapper, inputs)
+    ort_buy, ort_scores = [], []
+    n = len(inputs["length"])
+    for i in range(0, n, 128):
+        buy, score = scorer.predict({k: v[i:i + 128] for k, v in inputs.items()})
+        ort_buy.append(buy)
+        ort_scores.append(score)
+    diffs = {"buy_probability": float(np.max(np.abs(np.concatenate(ort_buy) - torch_buy))),
+             "next_item_scores": float(np.max(np.abs(np.concatenate(ort_scores) - torch_scores))),
+             "windows": n}
+    bad = {k: v for k, v in diffs.items() if k != "windows" and not v <= tolerance}
+    if bad:
+        raise ExportError("parity check failed: onnxruntime and PyTorch differ by "
+                          + ", ".join(f"{k} max |diff| {v:.3g}" for k, v in bad.items())
+                          + f" on {n} real validation windows (tolerance {tolerance:g})")
+    return diffs
+
+
+def write_onnx(wrapper: nn.Module, path: Path, example: dict[str, np.ndarray], opset: int,
+               metadata: dict[str, str]) -> None:
+    import onnx
+
+    args = tuple(torch.from_numpy(example[name]) for name in INPUT_NAMES)
+    dynamic = {name: {0: "batch"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the GRU batch-size warning does not apply: batch is dynamic
+        torch.onnx.export(wrapper, args, str(path), input_names=list(INPUT_NAMES),
+                          output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, opset_version=opset,
+                          do_constant_folding=True, dynamo=False)
+    graph = onnx.load(str(path))
+    del graph.metadata_props[:]
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key, value=str(value))
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(path))
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def train_command(args: dict, device: str | None = None) -> str:
+    """The `clickscore train` line that reproduces the run, every option explicit
+    (`--device auto` pinned to the device it ran on: CPU and CUDA weights differ)."""
+    parts = ["clickscore", "train"]
+    for key, value in args.items():
+        if value is None or key in ("command",):
+            continue
+        if key == "device" and value == "auto" and device:
+            value = device.split(":")[0]
+        parts += [_flag(key), str(value)]
+    return shlex.join(parts)
+
+
+def prepare_command(stats: dict, data: str) -> str | None:
+    if not stats.get("dataset") or not stats.get("input"):
+        return None
+    parts = ["clickscore", "prepare", "--dataset", stats["dataset"], "--input", stats["input"], "--out", data]
+    for key in ("test_days", "valid_days", "session_gap_minutes"):
+        if stats.get(key) is not None:
+            parts += [_flag(key), str(stats[key])]
+    return shlex.join(parts)
+
+
+def _metric(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def model_card(name: str, version: str, info: dict, metadata: dict, log: dict, parity: dict,
+               commands: list[str], size_bytes: int, n_params: int) -> str:
+    stats = info.get("data_stats") or {}
+    splits = stats.get("splits", {})
+    best = info.get("best_valid") or {}
+    lines = [
+        f"# Model card: {name} v{version}",
+        "",
+        f"- kind: `{info['model_kind']}`, {n_params:,} parameters, model.onnx {size_bytes / 1e6:.2f} MB",
+        f"- created: {metadata['created']} (trained {info.get('created', '?')}, torch {info.get('torch')}, "
+        f"{info.get('device')}, {info.get('seconds')} s)",
+        f"- heads: buy probability (sigmoid) and next-item scores (logits over {metadata['n_items']} "
+        "item indices; 0 = padding and 1 = out-of-vocabulary are never recommended)",
+        f"- window {WINDOW} events, schema version {SCHEMA_VERSION}, vocab_hash `{metadata['vocab_hash']}`",
+        "",
+        "## Data",
+        "",
+        f"- dataset: `{stats.get('dataset', '?')}` (prepared folder `{info.get('data')}`), "
+        f"split method: {stats.get('split_method', '?')}",
+        "",
+        "| split | events | sessions | items | buying sessions | buy share | first event | last event |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for split in ("train", "valid", "test"):
+        s = splits.get(split)
+        if s:
+            lines.append(f"| {split} | {s['events']:,} | {s['sessions']:,} | {s['items']:,} | "
+                         f"{s['buying_sessions']:,} | {s['buy_share']:.4f} | {s['first_event']} | {s['last_event']} |")
+    lines += [
+        "",
+        "Vocabulary and normalisation fitted on the train split only; model selection "
+        "(early stopping) on the valid split; the test split is untouched by training.",
+        "",
+        "## Training",
+        "",
+        f"- config: `{json.dumps(info['config'])}`",
+        f"- epochs run {info.get('epochs')}, best epoch {info.get('best_epoch')}, {info.get('steps')} steps, "
+        f"seed {info.get('seed')}, imbalance `{log.get('imbalance')}`"
+        + (f" (buy-loss logit shift {log['logit_shift']:.2f}: the served probability is prior-corrected "
+           "to the real buy rate)" if log.get("logit_shift") else ""),
+        "",
+        "## Validation (best epoch; every prefix before the first transaction for buy, "
+        "every position with a known next item for next-item)",
+        "",
+        "| buy ROC AUC | buy PR AUC | buy ECE | buy log loss | next-item Recall@20 | next-item MRR@20 |",
+        "|---|---|---|---|---|---|",
+        f"| {_metric(best.get('buy_roc_auc'))} | {_metric(best.get('buy_pr_auc'))} | {_metric(best.get('buy_ece'))} "
+        f"| {_metric(best.get('buy_log_loss'))} | {_metric(best.get('recall@20'))} | {_metric(best.get('mrr@20'))} |",
+        "",
+        "Per-epoch figures: train_log.json of the checkpoint folder. Test-split figures: `clickscore evaluate`.",
+        "",
+        "## Parity (export check)",
+        "",
+        f"max |PyTorch - onnxruntime| on {parity['windows']} real validation windows: buy_probability "
+        f"{parity['buy_probability']:.2e}, next_item_scores {parity['next_item_scores']:.2e} (tolerance "
+        f"{parity['tolerance']:g})",
+        "",
+        "## Rebuild",
+        "",
+        "```sh",
+        *commands,
+        "```",
+        "",
+        "Same seed, same data and `--threads 1` give the same weights on CPU (other thread "
+        "counts can change float summation order and the last bits).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export(checkpoint_dir: str | Path, out: str | Path, name: str | None = None, version: str = "1",
+           opset: int = MIN_OPSET, tolerance: float = 1e-5, data_command: str | None = None) -> dict:
+    """Export, parity-check and move into place; returns the parity figures.
+
+    data_command: the commands that made the prepared data's input (joined by ' && '),
+    listed first in the model card's rebuild section."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset} is below {MIN_OPSET}")
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    name = name or out.name
+    model, artefacts, info = load_checkpoint(checkpoint_dir)
+    inputs = load_parity_inputs(checkpoint_dir / PARITY_FILE)
+    if inputs["item"].shape[1] != artefacts.window:
+        raise ExportError(f"parity inputs are {inputs['item'].shape[1]} events wide, the model's window is "
+                          f"{artefacts.window}")
+    log_path = checkpoint_dir / LOG_FILE
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    wrapper = LastPositionScorer(model).eval()
+    metadata = {
+        "schema_version": str(SCHEMA_VERSION), "window": str(artefacts.window),
+        "model_kind": info["model_kind"], "model_name": name, "model_version": str(version),
+        "vocab_hash": artefacts.vocab_hash, "heads": HEADS, "input_names": ",".join(INPUT_NAMES),
+        "output_names": ",".join(OUTPUT_NAMES), "n_items": str(artefacts.n_items),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "dataset": str(info.get("dataset") or ""),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write_onnx(wrapper, staging / MODEL_FILE, {k: v[:2] for k, v in inputs.items()}, opset, metadata)
+        artefacts.save(staging / FEATURES_FILE)
+        parity = check_parity(wrapper, staging, inputs, tolerance)
+        parity["tolerance"] = tolerance
+        commands = [c.strip() for c in (data_command or "").split("&&") if c.strip()]
+        prepare = prepare_command(info.get("data_stats") or {}, info.get("data", "DATA"))
+        if prepare:
+            commands.append(prepare)
+        commands.append(train_command(info.get("args", {}), info.get("device")))
+        export_parts = ["clickscore", "export", "--checkpoint", str(checkpoint_dir), "--out", str(out),
+                        "--name", name, "--model-version", str(version)]
+        if opset != MIN_OPSET:
+            export_parts += ["--opset", str(opset)]
+        if data_command:
+            export_parts += ["--data-command", data_command]
+        commands.append(shlex.join(export_parts))
+        n_params = sum(p.numel() for p in model.parameters())
+        card = model_card(name, version, info, metadata, log, parity, commands,
+                          (staging / MODEL_FILE).stat().st_size, n_params)
+        (staging / CARD_FILE).write_text(card)
+        previous = out.parent / f".{out.name}.previous-{os.getpid()}"
+        if out.exists():
+            out.rename(previous)
+        staging.rename(out)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    ModelScorer(out, provider="cpu")   # what the worker and evaluation will do
+    return parity
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry (stream/cli.py)."""
+    parity = export(args.checkpoint, args.out, args.name, args.model_version, args.opset, args.tolerance,
+                    args.data_command)
+    print(f"exported {args.out}: parity on {parity['windows']} windows, max |diff| buy "
+          f"{parity['buy_probability']:.2e}, next-item {parity['next_item_scores']:.2e}")
+    return 0
