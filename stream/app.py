@@ -28,7 +28,7 @@ Decisions a reader needs:
   event loop keeps fetching, committing and heart-beating; `loop_lag_monitor`
   measures how late the loop runs (clickscore_event_loop_lag_seconds).
 - Idle sessions are evicted on the event-time watermark of their partition (see
-  stream/session_state.py), by a scan between batches every EVICTION_SCAN_S.
+  stream/session_state.py), by a timer scan every EVICTION_SCAN_S (never in the middle of a batch).
 - At-least-once: offsets are committed after the batch's sends are flushed, so a
   crashed worker re-delivers; outputs carry the input's event_id to dedupe by. The
   state records each row's input offset, so a re-delivered event is not applied
@@ -316,8 +316,6 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
             for key, (trigger_state, ev) in trigger_pending.items():
                 _write_in_event_context(ev, trigger_states.__setitem__, key, trigger_state.to_bytes())
 
-        if time.monotonic() - worker.last_scan >= EVICTION_SCAN_S:
-            evict_idle_sessions()
 
     async def fire_triggers(key: bytes, item: "Scored", probability: float, pending: dict) -> None:
         from stream.triggers import ScoreObservation, SessionTriggerState
@@ -357,17 +355,28 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         if evicted:
             log.info("evicted %d idle sessions (%d remain)", evicted, len(items) - evicted)
 
+    batch_lock = asyncio.Lock()
+
     @app.agent(clicks, name="score_clicks")
     async def score_clicks(stream):
         async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_s):
             try:
-                await process(events)
+                async with batch_lock:
+                    await process(events)
             except Exception:
                 # A crashed Faust agent leaves the worker up but consuming nothing. Exit
                 # instead, so a supervisor restarts it from the committed offsets.
                 log.exception("scoring a batch failed; stopping the worker (exit status 70)")
                 logging.shutdown()
                 os._exit(70)
+
+    @app.timer(EVICTION_SCAN_S)
+    async def eviction_scan() -> None:
+        # A timer, not a check between batches: the watermark that makes the last
+        # sessions idle may arrive in the last batch of a quiet stream. The lock keeps
+        # a scan from running while a batch is between reading and writing state.
+        async with batch_lock:
+            evict_idle_sessions()
 
     @app.task
     async def loop_lag_monitor() -> None:
