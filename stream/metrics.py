@@ -4,7 +4,8 @@ deploy/alerts.yml, deploy/grafana/clickscore-dashboard.json and deploy/README.md
     from stream import metrics
     metrics.EVENTS_CONSUMED.labels(topic=settings.input_topic).inc(len(batch))
     with metrics.INFERENCE_SECONDS.time(): ...
-    metrics.start_metrics_server(settings.metrics_host, settings.metrics_port)
+    if settings.metrics_port:   # `clickscore worker --metrics-port 0`: no metrics served
+        metrics.start_metrics_server(settings.metrics_host, settings.metrics_port)
 
 The worker's metrics live in `REGISTRY`, the trigger sink's in `SINK_REGISTRY`: each
 process serves only its own, so a scrape of the sink never shows idle worker series.
@@ -99,7 +100,11 @@ def set_model_info(name: str, version: str, provider: str) -> None:
 
 def start_metrics_server(host: str, port: int, registry: CollectorRegistry = REGISTRY
                          ) -> tuple[WSGIServer, threading.Thread]:
-    """Serve /metrics from a daemon thread; port 0 picks a free port (`server.server_port`)."""
+    """Serve /metrics from a daemon thread on `port` (`server.server_port`).
+
+    Passed 0, prometheus_client binds a free port, but neither command asks for that:
+    `clickscore worker --metrics-port 0` means metrics off (this is not called), and the
+    sink's off switch is `--metrics-port -1`."""
     server, thread = start_http_server(port, addr=host, registry=registry)
     log.info("metrics on http://%s:%d/metrics", host, server.server_port)
     return server, thread

@@ -91,7 +91,7 @@ class Settings:
     data_dir: str = _setting("", "Faust data directory (default: a folder per app id in the temp dir)")
     web_port: int = _setting(6066, "Faust web server port (distinct per worker on one machine)",
                              type=_positive_int)
-    metrics_port: int = _setting(9464, "Prometheus metrics port (distinct per worker on one machine)",
+    metrics_port: int = _setting(9464, "Prometheus metrics port (distinct per worker on one machine; 0: off)",
                                  type=int)
     metrics_host: str = _setting("127.0.0.1", "Prometheus metrics bind address")
     execution_provider: str = _setting("auto", "onnxruntime provider", choices=("auto", "cuda", "cpu"))
