@@ -16,6 +16,7 @@ import numpy as np
 
 BIN = Path(sys.executable).parent
 CLICKSCORE = str(BIN / "clickscore")
+NO_TORCH = Path(__file__).resolve().parents[1] / "tests" / "no_torch"   # sitecustomize that blocks torch
 
 
 def build_model(root: Path, sessions: int = 1500, seed: int = 5) -> Path:
@@ -57,6 +58,8 @@ class WorkerProcess:
     def start(self) -> "WorkerProcess":
         log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # Run the worker as if torch were not installed: serving must not need it.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NO_TORCH), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         return self

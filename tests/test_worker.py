@@ -5,6 +5,7 @@ real Taobao events (with purchases) and simulated sessions (some longer than the
 from __future__ import annotations
 
 import base64
+import os
 import json
 import subprocess
 import sys
@@ -340,3 +341,23 @@ once_per_session = true
         assert worker.proc.poll() is None, worker.log()[-3000:]
     assert sorted(v["trigger_id"] for v in triggers) == sorted(expected)
     assert {v["rule"] for v in triggers} == {"hot", "cooling"}
+
+
+def test_serving_modules_import_and_score_without_torch(tmp_path):
+    """The worker tests above already run `clickscore worker` with torch blocked
+    (bench/workerkit.py puts tests/no_torch on PYTHONPATH); this checks the blocker
+    itself works and that every serving module and the default model load without it."""
+    from bench.workerkit import NO_TORCH
+
+    code = ("import stream.app, stream.broker, stream.scoring, stream.replay, stream.demo, stream.sink, "
+            "stream.triggers, stream.metrics\n"
+            "from stream.scoring import ModelScorer\n"
+            "from stream.features import empty_window\n"
+            "s = ModelScorer('onnx_models/default')\n"
+            "print(s.info.provider)\n"
+            "try:\n    import torch\nexcept ModuleNotFoundError:\n    print('torch blocked')\n")
+    env = {**os.environ, "PYTHONPATH": str(NO_TORCH)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    provider, *rest = done.stdout.split()
+    assert provider.endswith("ExecutionProvider") and rest == ["torch", "blocked"]
