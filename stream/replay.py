@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from stream.errors import ClickscoreError
 from stream.events import ClickEvent, InvalidEvent, decode, parse_timestamp, validate
-from stream.settings import Settings, settings_from_args
+from stream.settings import Settings, number, settings_from_args
 
 # How many malformed lines and failed sends the summary lists in full.
 EXAMPLES = 5
@@ -71,34 +71,9 @@ def parse_speed(text: str) -> float | None:
     return value
 
 
-def parse_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected events per second > 0, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be events per second > 0, got {text!r}")
-    return value
-
-
-def parse_gap(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be seconds >= 0, got {text!r}")
-    return value
-
-
-def parse_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+parse_rate = number(float, strict=True, what="events per second")
+parse_gap = number(float, what="seconds")
+parse_count = number(int, what="a whole number")
 
 
 def parse_time(text: str) -> int:

@@ -34,7 +34,7 @@ def test_bad_environment_value_fails_at_once_with_its_name():
     env = dict(os.environ, CLICKSCORE_TOP_K="-3")
     proc = subprocess.run([CLI, "worker"], env=env, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "--top-k" in proc.stderr and "positive integer" in proc.stderr
+    assert "--top-k" in proc.stderr and "a whole number > 0" in proc.stderr
 
 
 def test_help_lists_subcommands_without_importing_torch():
