@@ -241,8 +241,9 @@ def _demo(p: argparse.ArgumentParser) -> None:
     add_env_option(p, "--dataset", "CLICKSCORE_DEMO_DATASET", default="auto",
                    choices=("auto", "prepared", "jsonl") + DATASETS, help="format of --input")
     add_env_option(p, "--sessions", "CLICKSCORE_DEMO_SESSIONS", type=int, default=1000,
-                   help="sessions to simulate when no --input is given")
-    add_env_option(p, "--seed", "CLICKSCORE_DEMO_SEED", type=int, default=0, help="simulation seed")
+                   help="test sessions of the default model's simulation to replay when no --input is given")
+    add_env_option(p, "--seed", "CLICKSCORE_DEMO_SEED", type=int, default=0,
+                   help="simulation seed (0 is the default model's; another seed means another catalogue)")
     add_env_option(p, "--rate", "CLICKSCORE_DEMO_RATE", type=parse_rate, default="200",
                    help="replay rate cap, events per second")
     add_env_option(p, "--speed", "CLICKSCORE_DEMO_SPEED", type=parse_speed, default="max",

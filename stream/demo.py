@@ -8,7 +8,9 @@ What it starts, in order, and stops again on exit (Ctrl-C included):
 1. the embedded broker (Tansu) on a free loopback port;
 2. a worker, `clickscore worker` as a child process with the model (--model), its own
    app id, web and metrics ports, and fast consumer-group timing;
-3. a click log: `clickscore simulate` output in a temp dir, unless --input is given.
+3. a click log: unless --input is given, the test-split sessions of the simulation the
+   default model was trained on (`clickscore simulate --sessions 20000 --items 2000
+   --seed 0`, generated in a temp dir; the model never trained on them).
 
 Once a warm-up event has made the round trip through the worker (so the model is
 loaded and the consumer group has joined), the log is replayed (stream.replay, in
@@ -220,13 +222,26 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+# The simulation the default model was trained on (its model card): replaying the
+# *test* sessions of that same log gives live scores on a catalogue the model knows
+# and on sessions it never trained on, so the summary's AUC and Recall@20 mean something.
+DEFAULT_MODEL_SIMULATION = ("--sessions", "20000", "--items", "2000")
+
+
 def simulate_log(workdir: Path, sessions: int, seed: int) -> Path:
-    out = workdir / "simulated.jsonl"
-    result = subprocess.run([sys.executable, "-m", "stream.cli", "simulate", "--sessions", str(sessions),
-                             "--seed", str(seed), "--out", str(out)],
+    """The first `sessions` test-split sessions of the default model's simulated log."""
+    import polars as pl
+
+    full = workdir / "simulated.parquet"
+    result = subprocess.run([sys.executable, "-m", "stream.cli", "simulate", *DEFAULT_MODEL_SIMULATION,
+                             "--seed", str(seed), "--out", str(full)],
                             cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         raise ClickscoreError(f"`clickscore simulate` failed: {result.stderr.strip()[-800:]}")
+    frame = pl.read_parquet(full).filter(pl.col("split") == "test")
+    keep = frame["session_id"].unique(maintain_order=True).head(sessions)
+    out = workdir / "simulated.jsonl"
+    frame.filter(pl.col("session_id").is_in(keep.implode())).write_ndjson(out)
     return out
 
 
