@@ -163,11 +163,29 @@ class WorkerState:
     positions_after_seek: dict[int, int] = field(default_factory=dict)
 
 
+def _set_fetch_max_wait(fetch_max_wait_ms: int) -> None:
+    """Faust 0.15.3 creates its aiokafka consumer with fetch_max_wait_ms=1500 and no
+    setting to change it; set ours on the consumer before it starts (it is read when
+    the fetcher is built, at start)."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    original = getattr(AIOKafkaConsumerThread._create_worker_consumer, "__wrapped__",
+                       AIOKafkaConsumerThread._create_worker_consumer)
+
+    def create(self, transport):
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = fetch_max_wait_ms
+        return consumer
+    create.__wrapped__ = original
+    AIOKafkaConsumerThread._create_worker_consumer = create
+
+
 def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=None):
     """The Faust app: topics, the sessions table (and the trigger-state table when
     `rules`, a stream.triggers.RuleSet, is given), the scoring agent and two monitors."""
     import faust
 
+    _set_fetch_max_wait(settings.fetch_max_wait_ms)
     data_dir = settings.data_dir or str(Path(tempfile.gettempdir()) / f"clickscore-{settings.app_id}")
     app = faust.App(
         settings.app_id,

@@ -150,7 +150,7 @@ def _worker(p: argparse.ArgumentParser) -> None:
         "partitions", "app_id", "top_k", "batch_size", "batch_wait_s", "session_timeout_s",
         "max_message_bytes", "store", "data_dir", "web_port", "metrics_port", "metrics_host",
         "execution_provider", "rules", "session_timeout_ms", "heartbeat_interval_ms",
-        "rebalance_timeout_ms", "log_level"))
+        "rebalance_timeout_ms", "fetch_max_wait_ms", "log_level"))
 
 
 def _sink(p: argparse.ArgumentParser) -> None:
@@ -178,7 +178,7 @@ def _sink(p: argparse.ArgumentParser) -> None:
     add_env_option(p, "--idle-exit-s", "CLICKSCORE_SINK_IDLE_EXIT_S", type=float, default=0.0,
                    help="exit after this long without a trigger (0: run until stopped)")
     add_settings(p, KAFKA_SETTINGS + ("triggers_topic", "metrics_host", "session_timeout_ms",
-                                      "heartbeat_interval_ms", "rebalance_timeout_ms", "log_level"))
+                                      "heartbeat_interval_ms", "rebalance_timeout_ms", "fetch_max_wait_ms", "log_level"))
 
 
 def _replay(p: argparse.ArgumentParser) -> None:

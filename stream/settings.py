@@ -100,6 +100,10 @@ class Settings:
     session_timeout_ms: int = _setting(10000, "consumer group session timeout, ms", type=_positive_int)
     heartbeat_interval_ms: int = _setting(1000, "consumer heartbeat interval, ms", type=_positive_int)
     rebalance_timeout_ms: int = _setting(10000, "consumer group rebalance timeout, ms", type=_positive_int)
+    # Faust hard-codes 1500 ms. The embedded broker holds a fetch for the whole wait even
+    # when records arrive meanwhile, which put ~0.6 s into every event's latency.
+    fetch_max_wait_ms: int = _setting(100, "longest time the broker may hold a fetch request, ms",
+                                      type=_positive_int)
     log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))
 
     def kafka_security(self) -> dict[str, Any]:
