@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv system-deps test demo bench clean
+.PHONY: venv system-deps test demo bench bench-stream bench-replay clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,22 @@ test: venv system-deps
 demo: venv
 	$(BIN)/clickscore demo
 
-bench: venv
+bench: bench-stream bench-replay
+
+bench-stream: venv
 	$(BIN)/python -m bench.stream --events 20000
+
+# Debian's kcat links librdkafka 2.0.2, which cannot talk to the embedded broker: give
+# it the newer librdkafka bundled in the confluent-kafka wheel (never installed).
+KCAT_LIB := $(VENV)/kcat-librdkafka
+$(KCAT_LIB)/librdkafka.so.1:
+	rm -rf $(KCAT_LIB) && mkdir -p $(KCAT_LIB)/wheel
+	$(BIN)/pip download -q --no-deps --only-binary=:all: -d $(KCAT_LIB)/wheel confluent-kafka
+	cd $(KCAT_LIB) && unzip -q -j -o wheel/confluent_kafka-*.whl 'confluent_kafka.libs/librdkafka-*' \
+		&& ln -sf $$(ls librdkafka-*.so.1 | head -1) librdkafka.so.1
+
+bench-replay: venv system-deps $(KCAT_LIB)/librdkafka.so.1
+	$(BIN)/python -m bench.replay --kcat-library-path $(KCAT_LIB)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
