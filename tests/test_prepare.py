@@ -260,12 +260,9 @@ def test_canonical_csv_with_iso_times_and_aliases(tmp_path):
 
 @pytest.mark.parametrize("body, message", [
     ("session_id,item_id,timestamp\ns,i,1767261600000\n", "lacks column(s) ['event_type']"),
-    ("session_id,event_type,item_id,timestamp\ns,wishlist,i,1767261600000\n", "unknown event type"),
-    ("session_id,event_type,item_id,timestamp,price\ns,view,i,1767261600000,-1\n", "negative"),
-    ("session_id,event_type,item_id,timestamp,price\ns,view,i,1767261600000,inf\n", "not finite"),
-    ("session_id,event_type,item_id,timestamp\ns,view,i,1767261600\n", "outside 2000-01-01"),
     ("session_id,event_type,item_id,timestamp,split\ns,view,i,1767261600000,train\ns,view,j,1767261600001,test\n",
      "several splits"),
+    ("session_id,event_type,item_id,timestamp\ns,wishlist,i,1767261600000\n", "yields no events"),
 ])
 def test_canonical_rejects_bad_input(tmp_path, body, message):
     path = tmp_path / "bad.csv"
@@ -299,3 +296,131 @@ def test_cli_end_to_end(tmp_path):
     bad = subprocess.run([str(cli), "prepare", "--dataset", "yoochoose", "--input", str(tmp_path / "nowhere"),
                           "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+# -- malformed rows: left out, counted by reason, reported with their line numbers ------
+
+GOOD_CANONICAL = "s{n},view,i{n},{ts}"
+
+
+def malformed(stats: dict) -> tuple[dict, list[tuple[str, int, str]]]:
+    report = stats["malformed_rows"]
+    assert report["count"] == sum(report["by_reason"].values())
+    return report["by_reason"], [(r["file"], r.get("line", r.get("row")), r["reason"]) for r in report["first"]]
+
+
+def test_canonical_bad_rows_are_reported_by_line(tmp_path):
+    lines = ["session_id,event_type,item_id,timestamp,price"]
+    lines += [f"s{n},view,i{n},{1767261600000 + n},1.5" for n in range(20)]
+    lines.insert(4, "s90,wishlist,i1,1767261600000,1")          # line 5
+    lines.insert(8, "s91,view,i1,1767261600,1")                 # line 9: seconds, not ms
+    lines.insert(12, "s92,view,i1,1767261600000,-1")            # line 13
+    lines.insert(15, "s93,view,,1767261600000,1")               # line 16
+    lines.insert(18, "s94,view,i1,yesterday,1")                 # line 19
+    path = tmp_path / "log.csv"
+    path.write_text("\n".join(lines) + "\n")
+    stats = prepare("canonical", path, tmp_path / "out")
+    by_reason, first = malformed(stats)
+    assert first == [("log.csv", 5, "unknown_event_type"), ("log.csv", 9, "timestamp_out_of_range"),
+                     ("log.csv", 13, "bad_price"), ("log.csv", 16, "missing_item_id"),
+                     ("log.csv", 19, "bad_timestamp")]
+    assert stats["events"] == 20
+    assert not {"s90", "s91", "s92", "s93", "s94"} & set(load(tmp_path / "out")[0]["session_id"])
+
+
+def test_canonical_parquet_bad_rows_are_reported_by_row(tmp_path):
+    frame = pl.DataFrame({"session_id": [f"s{n}" for n in range(30)],
+                          "event_type": ["view", "nope"] + ["view"] * 28,
+                          "item_id": ["1"] * 30, "timestamp": [1767261600000 + n for n in range(30)]})
+    frame.write_parquet(tmp_path / "log.parquet")
+    stats = prepare("canonical", tmp_path / "log.parquet", tmp_path / "out")
+    assert malformed(stats)[1] == [("log.parquet", 2, "unknown_event_type")]
+    assert stats["events"] == 29
+
+
+def test_yoochoose_raw_bad_lines(tmp_path):
+    clicks = (FIXTURES / "yoochoose" / "yoochoose-clicks.dat").read_text().splitlines()
+    good = len(clicks)
+    clicks.insert(2, "17,2014-04-07T10:51:09.277Z,notanitem,0")   # line 3
+    clicks.insert(5, "18,yesterday,214536502,0")                  # line 6
+    clicks.insert(7, "19,2014-04-07T10:51:09.277Z,214536502,0,extra")   # line 8
+    clicks.insert(9, "20")                                        # line 10
+    (tmp_path / "yoochoose-clicks.dat").write_text("\n".join(clicks) + "\n")
+    (tmp_path / "yoochoose-buys.dat").write_text((FIXTURES / "yoochoose" / "yoochoose-buys.dat").read_text())
+    stats = prepare("yoochoose", tmp_path, tmp_path / "out")
+    by_reason, first = malformed(stats)
+    assert first == [("yoochoose-clicks.dat", 3, "bad_item"), ("yoochoose-clicks.dat", 6, "bad_time"),
+                     ("yoochoose-clicks.dat", 8, "too_many_fields"), ("yoochoose-clicks.dat", 10, "missing_time")]
+    events = load(tmp_path / "out")[0]
+    assert events.filter(pl.col("event_type") == "view").height == good
+
+
+def test_session_rec_bad_line(tmp_path):
+    source = DATASETS / "yoochoose-100k"
+    full = (source / "yoochoose-clicks-100k_train_full.txt").read_text().splitlines()[:301]
+    full.insert(100, "999999\t214536502\tnot-a-time")    # line 101
+    (tmp_path / "x_train_full.txt").write_text("\n".join(full) + "\n")
+    test = (source / "yoochoose-clicks-100k_test.txt").read_text().splitlines()[:51]
+    (tmp_path / "x_test.txt").write_text("\n".join(test) + "\n")
+    stats = prepare("yoochoose", tmp_path, tmp_path / "out")
+    assert malformed(stats)[1] == [("x_train_full.txt", 101, "bad_Time")]
+    assert stats["events"] == 300 + 50
+
+
+def test_taobao_bad_lines(tmp_path):
+    lines = (DATASETS / "taobao-userbehavior" / "UserBehavior_head.csv").read_text().splitlines()[:500]
+    lines.insert(9, "1,2268318,2520377,wishlist,1511544070")   # line 10
+    lines.insert(19, "1,x,2520377,pv,1511544070")             # line 20
+    lines.insert(29, "1,2268318")                             # line 30
+    (tmp_path / "UserBehavior.csv").write_text("\n".join(lines) + "\n")
+    stats = prepare("taobao", tmp_path, tmp_path / "out")
+    assert malformed(stats)[1] == [("UserBehavior.csv", 10, "unknown_behavior_type"),
+                                   ("UserBehavior.csv", 20, "bad_item"), ("UserBehavior.csv", 30, "missing_category")]
+
+
+def test_diginetica_and_retailrocket_bad_lines(tmp_path):
+    views = (DATASETS / "diginetica" / "sample_train-item-views.csv").read_text().splitlines()[:400]
+    views.insert(50, "7;NA;81766;abc;2016-05-09")              # line 51
+    views.insert(60, "7;NA;81766;526309;09/05/2016")           # line 61
+    digi = tmp_path / "digi"
+    digi.mkdir()
+    (digi / "train-item-views.csv").write_text("\n".join(views) + "\n")
+    stats = prepare("diginetica", digi, tmp_path / "out-digi")
+    assert malformed(stats)[1] == [("train-item-views.csv", 51, "bad_timeframe"),
+                                   ("train-item-views.csv", 61, "bad_eventdate")]
+    rr = tmp_path / "rr"
+    rr.mkdir()
+    events = (FIXTURES / "retailrocket" / "events.csv").read_text().splitlines()
+    events.insert(3, "1433221332117,257597,wishlist,355908,")   # line 4
+    (rr / "events.csv").write_text("\n".join(events) + "\n")
+    stats = prepare("retailrocket", rr, tmp_path / "out-rr")
+    assert malformed(stats)[1] == [("events.csv", 4, "unknown_event")]
+
+
+def test_rees46_and_otto_bad_lines(tmp_path):
+    rows = (DATASETS / "rees46" / "2019-Oct-sample.csv").read_text().splitlines()
+    rows.insert(10, "2019-10-01 00:00:00 UTC,teleport,44600062,1,,b,35.79,541312140,x")   # line 11
+    rows.insert(20, "yesterday,view,44600062,1,,b,35.79,541312140,x")                     # line 21
+    rees = tmp_path / "rees"
+    rees.mkdir()
+    (rees / "2019-Oct.csv").write_text("\n".join(rows) + "\n")
+    stats = prepare("rees46", rees, tmp_path / "out-rees")
+    assert malformed(stats)[1] == [("2019-Oct.csv", 11, "unknown_event_type"), ("2019-Oct.csv", 21, "bad_event_time")]
+    lines = (DATASETS / "otto" / "train.jsonl").read_text().splitlines()
+    lines.insert(3, '{"session": 99, "events": [')                                   # line 4
+    lines.insert(7, '{"session": 98, "events": [{"aid": 1, "ts": 1659304800025, "type": "wish"}]}')  # line 8
+    (tmp_path / "otto.jsonl").write_text("\n".join(lines) + "\n")
+    stats = prepare("otto", tmp_path / "otto.jsonl", tmp_path / "out-otto")
+    assert malformed(stats)[1] == [("otto.jsonl", 4, "invalid_json_line"), ("otto.jsonl", 8, "unknown_event_type_or_ts")]
+    assert stats["events"] == 862
+
+
+def test_cli_prints_malformed_rows_with_line_numbers(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("session_id,event_type,item_id,timestamp\n"
+                    + "".join(f"s{n},view,i,{1767261600000 + n}\n" for n in range(30)) + "s,view,i,oops\n")
+    done = subprocess.run([str(Path(sys.executable).parent / "clickscore"), "prepare", "--dataset", "canonical",
+                           "--input", str(path), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "1 malformed rows left out (bad_timestamp 1)" in done.stderr
+    assert "log.csv:32: bad_timestamp: s,view,i,oops" in done.stderr

@@ -205,4 +205,14 @@ def run(args: argparse.Namespace) -> int:
         print("dropped events: " + ", ".join(f"{k} {v:,}" for k, v in stats["dropped_events"].items()))
     if stats.get("dropped_purchases_without_views"):
         print(f"dropped purchases without views: {stats['dropped_purchases_without_views']:,}")
+    malformed = stats.get("malformed_rows")
+    if malformed:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in malformed["by_reason"].items())
+        print(f"clickscore prepare: warning: {malformed['count']:,} malformed rows left out ({reasons}):",
+              file=sys.stderr)
+        for row in malformed["first"]:
+            where = row["line"] if "line" in row else f"row {row['row']}"
+            print(f"  {row['file']}:{where}: {row['reason']}: {row['text']}", file=sys.stderr)
+        if malformed["count"] > len(malformed["first"]):
+            print(f"  ... and {malformed['count'] - len(malformed['first']):,} more (stats.json)", file=sys.stderr)
     return 0

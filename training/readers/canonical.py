@@ -21,7 +21,7 @@ import polars as pl
 from stream.errors import ClickscoreError
 from stream.events import (
     MAX_ID_CHARS, MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS, InvalidEvent, normalise_event_type, parse_timestamp)
-from training.readers.common import CANONICAL_SCHEMA, canonical, folder_of, require_rows
+from training.readers.common import CANONICAL_SCHEMA, canonical, folder_of, report_malformed, require_rows
 
 DATASET = "canonical"
 REQUIRED = ("session_id", "event_type", "item_id", "timestamp")
@@ -46,17 +46,22 @@ def _load(path: Path) -> pl.DataFrame:
     raise ClickscoreError(f"--dataset canonical: {path} must be .csv, .parquet or .jsonl")
 
 
-def _fail(frame: pl.DataFrame, bad: pl.Series, column: str, problem: str, fix: str) -> None:
-    """Raise naming how many rows break a rule and the first one (1-based data row)."""
-    count = int(bad.sum())
-    if count:
-        row = int(bad.arg_true()[0])
-        value = frame[column][row]
-        raise ClickscoreError(f"column {column!r}: {count} row(s) {problem}, first at data row {row + 1} "
-                              f"(value {value!r}); {fix}")
+class RowProblems:
+    """The first problem of each row (null where the row is fine): bad values drop
+    their row and are reported with its line, they do not stop the preparation."""
+
+    def __init__(self, height: int):
+        self.reasons = pl.Series("_reason", [None] * height, dtype=pl.String)
+
+    def mark(self, bad: pl.Series, reason: str) -> None:
+        bad = bad.fill_null(False)
+        if bad.any():
+            self.reasons = pl.select(
+                pl.when(pl.lit(bad) & pl.lit(self.reasons).is_null()).then(pl.lit(reason))
+                .otherwise(pl.lit(self.reasons)).alias("_reason"))["_reason"]
 
 
-def _identifiers(frame: pl.DataFrame) -> pl.DataFrame:
+def _identifiers(frame: pl.DataFrame, problems: RowProblems) -> pl.DataFrame:
     for column in ID_COLUMNS:
         if column not in frame.columns:
             continue
@@ -65,26 +70,25 @@ def _identifiers(frame: pl.DataFrame) -> pl.DataFrame:
             raise ClickscoreError(f"column {column!r} has type {dtype}; ids must be strings or integers")
         text = frame[column].cast(pl.String)
         if column in REQUIRED:
-            _fail(frame, text.is_null() | (text.str.strip_chars() == ""), column, "are empty", "every event needs one")
-        _fail(frame, text.str.len_chars().fill_null(0) > MAX_ID_CHARS, column,
-              f"are longer than {MAX_ID_CHARS} characters", "shorten the ids")
+            problems.mark(text.is_null() | (text.str.strip_chars() == ""), f"missing_{column}")
+        problems.mark(text.str.len_chars().fill_null(0) > MAX_ID_CHARS, f"oversized_{column}")
         frame = frame.with_columns(text.alias(column))
     return frame
 
 
-def _event_types(frame: pl.DataFrame) -> pl.Series:
+def _event_types(frame: pl.DataFrame, problems: RowProblems) -> pl.Series:
     values = frame["event_type"].cast(pl.String)
-    _fail(frame, values.is_null(), "event_type", "are empty", "every event needs view, addtocart or transaction")
+    problems.mark(values.is_null(), "missing_event_type")
     mapping: dict[str, str] = {}
-    for value in values.unique().to_list():
+    for value in values.drop_nulls().unique().to_list():
         try:
             mapping[value] = normalise_event_type(value)
-        except InvalidEvent as exc:
-            _fail(frame, values == value, "event_type", "have an unknown event type", exc.detail)
-    return values.replace_strict(mapping, return_dtype=pl.String)
+        except InvalidEvent:
+            problems.mark(values == value, "unknown_event_type")
+    return values.replace_strict(mapping, default=None, return_dtype=pl.String)
 
 
-def _timestamps(frame: pl.DataFrame) -> pl.Series:
+def _timestamps(frame: pl.DataFrame, problems: RowProblems) -> pl.Series:
     column = frame["timestamp"]
     fix = "use UTC epoch milliseconds or ISO-8601 strings"
     if isinstance(column.dtype, pl.Datetime):
@@ -92,9 +96,8 @@ def _timestamps(frame: pl.DataFrame) -> pl.Series:
     elif column.dtype.is_integer():
         millis = column.cast(pl.Int64)
     elif column.dtype.is_float():
-        _fail(frame, ~column.is_finite() | (column != column.floor()), "timestamp",
-              "are not whole milliseconds", fix)
-        millis = column.cast(pl.Int64)
+        problems.mark(~column.is_finite() | (column != column.floor()), "bad_timestamp")
+        millis = pl.select(pl.when(column.is_finite()).then(pl.lit(column)).cast(pl.Int64))[column.name]
     elif column.dtype == pl.String:
         mapping: dict[str, int] = {}
         for text in column.drop_nulls().unique().to_list():
@@ -103,29 +106,28 @@ def _timestamps(frame: pl.DataFrame) -> pl.Series:
                 # Digits are epoch ms (parse_timestamp takes ints); anything else ISO-8601.
                 mapping[text] = parse_timestamp(int(stripped) if stripped.lstrip("-").isdigit() else stripped)
             except InvalidEvent as exc:
-                _fail(frame, column == text, "timestamp", "are not valid timestamps", exc.detail)
+                problems.mark(column == text, exc.reason if exc.reason == "timestamp_out_of_range"
+                              else "bad_timestamp")
         millis = column.replace_strict(mapping, default=None, return_dtype=pl.Int64)
     else:
         raise ClickscoreError(f"column 'timestamp' has type {column.dtype}; {fix}")
-    _fail(frame, millis.is_null(), "timestamp", "are empty", "every event needs a timestamp")
-    _fail(frame, (millis < MIN_TIMESTAMP_MS) | (millis >= MAX_TIMESTAMP_MS), "timestamp",
-          "are outside 2000-01-01..2100-01-01", "timestamps must be epoch milliseconds (seconds sent as ms?)")
+    problems.mark(millis.is_null(), "missing_timestamp")
+    problems.mark((millis < MIN_TIMESTAMP_MS) | (millis >= MAX_TIMESTAMP_MS), "timestamp_out_of_range")
     return millis
 
 
-def _prices(frame: pl.DataFrame) -> pl.Series:
+def _prices(frame: pl.DataFrame, problems: RowProblems) -> pl.Series:
     column = frame["price"]
     if column.dtype == pl.String:
         text = column.str.strip_chars().replace("", None)
         numbers = text.cast(pl.Float64, strict=False)
-        _fail(frame, numbers.is_null() & text.is_not_null(), "price", "are not numbers",
-              "write prices as plain decimals (12.5) or leave them empty")
+        problems.mark(numbers.is_null() & text.is_not_null(), "bad_price")
     elif column.dtype.is_numeric() or column.dtype == pl.Null:
         numbers = column.cast(pl.Float64)
     else:
         raise ClickscoreError(f"column 'price' has type {column.dtype}; prices must be numbers")
-    _fail(frame, ~numbers.is_finite().fill_null(True), "price", "are not finite", "leave unknown prices empty")
-    _fail(frame, (numbers < 0).fill_null(False), "price", "are negative", "prices must be >= 0 (or empty)")
+    problems.mark(~numbers.is_finite().fill_null(True), "bad_price")
+    problems.mark((numbers < 0).fill_null(False), "bad_price")
     return numbers
 
 
@@ -133,9 +135,11 @@ def _published_split(frame: pl.DataFrame, path: Path) -> pl.DataFrame | None:
     split = frame["split"].cast(pl.String)
     if split.null_count() == frame.height:
         return None
-    _fail(frame, split.is_null(), "split", "are empty while others are set",
-          "give every row train, valid or test, or drop the column to split by time")
-    _fail(frame, ~split.is_in(list(SPLITS)), "split", f"are not one of {list(SPLITS)}", "use train, valid or test")
+    bad = frame.filter(split.is_null() | ~split.is_in(list(SPLITS)))
+    if bad.height:
+        raise ClickscoreError(f"{path}: {bad.height} row(s) have a split other than {list(SPLITS)} "
+                              f"(first: session {bad['session_id'][0]!r}); give every row train, valid or "
+                              "test, or drop the column to split by time")
     per_session = pl.DataFrame({"session_id": frame["session_id"], "split": split}).unique(maintain_order=True)
     mixed = per_session.filter(pl.col("session_id").is_duplicated())
     if mixed.height:
@@ -160,9 +164,20 @@ def read(input_path: str | Path, notes: dict | None = None) -> tuple[pl.DataFram
     extra = [name for name in frame.columns if name not in CANONICAL_SCHEMA and name != "split"]
     if extra and notes is not None:
         notes.setdefault("warnings", []).append(f"ignored column(s) not in the canonical format: {extra}")
-    frame = _identifiers(frame)
-    frame = frame.with_columns(_event_types(frame).alias("event_type"), _timestamps(frame).alias("timestamp"))
+    problems = RowProblems(frame.height)
+    frame = _identifiers(frame, problems)
+    frame = frame.with_columns(_event_types(frame, problems).alias("event_type"),
+                               _timestamps(frame, problems).alias("timestamp"))
     if "price" in frame.columns:
-        frame = frame.with_columns(_prices(frame).alias("price"))
+        frame = frame.with_columns(_prices(frame, problems).alias("price"))
+    frame = frame.with_row_index("_row").with_columns(problems.reasons)
+    bad = frame.filter(pl.col("_reason").is_not_null())
+    if bad.height:
+        # Text formats report file lines (a CSV header is line 1); Parquet its row numbers.
+        offset = {".csv": 2, ".parquet": 1}.get(path.suffix.lower(), 1)
+        report_malformed(notes, path, bad.select((pl.col("_row") + offset).alias("_line"), "_reason"),
+                         text_lines=path.suffix.lower() != ".parquet")
+        frame = frame.filter(pl.col("_reason").is_null())
+    frame = frame.drop("_row", "_reason")
     published = _published_split(frame, path) if "split" in frame.columns else None
     return require_rows(canonical(frame).collect(), path, DATASET), published

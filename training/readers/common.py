@@ -126,3 +126,86 @@ def require_rows(frame: pl.DataFrame, path: Path | str, dataset: str) -> pl.Data
     if frame.height == 0:
         raise ClickscoreError(f"--dataset {dataset}: {path} yields no events; is it the right file?")
     return frame
+
+
+# -- malformed rows ----------------------------------------------------------------------
+# A bad row never stops a preparation and is never dropped silently: it is left out,
+# counted by reason, and reported with its file and 1-based line number in
+# notes["malformed_rows"] (stats.json) and on stderr.
+
+MALFORMED_SHOWN = 20
+
+
+def scan_rows(path: Path, schema: dict[str, pl.DataType], *, separator: str = ",", header: bool = True,
+              names: Iterable[str] | None = None, required: Iterable[str] = (),
+              checks: dict[str, pl.Expr] | None = None, notes: dict | None = None) -> pl.LazyFrame:
+    """Typed rows of a delimited text file with their `_line` number; rows that do not fit
+    are reported and left out.
+
+    `names` are the file's columns in order (default: its header). A row is malformed
+    when it has more fields than `names` (`too_many_fields`), a `required` field is
+    empty or absent (`missing_<column>`), a value does not parse as its `schema` type
+    (`bad_<column>`), or a `checks` expression (on the typed row) is not true (its key).
+    The file is scanned twice (once for the report, once for the rows), lazily, so a
+    clean multi-GB file costs parsing time, not memory.
+    """
+    names = list(names) if names is not None else [
+        n.strip().strip('"') for n in first_line(path).split(separator)]
+    raw = pl.scan_csv(
+        path, has_header=False, skip_rows=1 if header else 0, separator=separator,
+        schema={**{n: pl.String for n in names}, "_extra": pl.String}, missing_columns="insert",
+        truncate_ragged_lines=True,
+    ).with_row_index("_line", offset=2 if header else 1)
+    reason = pl.when(pl.col("_extra").is_not_null()).then(pl.lit("too_many_fields"))
+    for column in required:
+        reason = reason.when(pl.col(column).is_null()).then(pl.lit(f"missing_{column}"))
+    typed_columns = {c: t for c, t in schema.items() if t != pl.String()}
+    for column, dtype in typed_columns.items():
+        reason = reason.when(pl.col(column).is_not_null()
+                             & pl.col(column).str.strip_chars().cast(dtype, strict=False).is_null()
+                             ).then(pl.lit(f"bad_{column}"))
+    rows = raw.with_columns(reason.otherwise(None).alias("_reason")).with_columns(
+        [pl.col(c).str.strip_chars().cast(t, strict=False) for c, t in typed_columns.items()])
+    if checks:
+        check = pl.when(pl.col("_reason").is_not_null()).then(pl.col("_reason"))
+        for name, ok in checks.items():
+            check = check.when(~ok.fill_null(False)).then(pl.lit(name))
+        rows = rows.with_columns(check.otherwise(None).alias("_reason"))
+    bad = rows.filter(pl.col("_reason").is_not_null()).select("_line", "_reason").collect(engine="streaming")
+    report_malformed(notes, path, bad)
+    return rows.filter(pl.col("_reason").is_null()).drop("_reason", "_extra")
+
+
+def report_malformed(notes: dict | None, path: Path, bad: pl.DataFrame, text_lines: bool = True) -> None:
+    """Add rows (`_line`, `_reason`) of `path` to notes["malformed_rows"]; `_line` is a
+    row number instead where the file has no lines (`text_lines=False`, Parquet)."""
+    if notes is None or bad.height == 0:
+        return
+    report = notes.setdefault("malformed_rows", {"count": 0, "by_reason": {}, "first": []})
+    report["count"] += bad.height
+    for reason, count in bad.group_by("_reason").len().sort("_reason").iter_rows():
+        report["by_reason"][reason] = report["by_reason"].get(reason, 0) + int(count)
+    room = MALFORMED_SHOWN - len(report["first"])
+    if room <= 0:
+        return
+    first = bad.sort("_line").head(room)
+    texts = _line_texts(path, set(first["_line"].to_list())) if text_lines else {}
+    where = "line" if text_lines else "row"
+    for line, reason in first.iter_rows():
+        report["first"].append({"file": path.name, where: int(line), "reason": reason,
+                                "text": texts.get(int(line), "")[:200]})
+
+
+def _line_texts(path: Path, lines: set[int]) -> dict[int, str]:
+    """The text of the given 1-based lines (reads up to the last one only)."""
+    found: dict[int, str] = {}
+    if not lines:
+        return found
+    last = max(lines)
+    with open(path, "r", encoding="utf-8", errors="replace", newline="") as handle:
+        for number, text in enumerate(handle, start=1):
+            if number in lines:
+                found[number] = text.rstrip("\r\n")
+            if number >= last:
+                break
+    return found

@@ -29,7 +29,7 @@ from pathlib import Path
 import polars as pl
 
 from training.readers.common import (
-    MS_PER_DAY, canonical, check_header, find_file, folder_of, require_rows)
+    MS_PER_DAY, canonical, check_header, find_file, folder_of, require_rows, scan_rows)
 
 DATASET = "diginetica"
 VIEW_FILES = ("train-item-views.csv", "sample_train-item-views.csv")
@@ -53,9 +53,11 @@ def read(input_path: str | Path, notes: dict | None = None) -> pl.DataFrame:
     folder, given = folder_of(input_path)
     views_path = given if given is not None and given.name in VIEW_FILES else find_file(folder, VIEW_FILES, DATASET)
     check_header(views_path, VIEW_COLUMNS, separator=";", dataset=DATASET)
-    views = pl.scan_csv(views_path, separator=";", schema_overrides={
-        "session_id": pl.Int64, "user_id": pl.String, "item_id": pl.Int64,
-        "timeframe": pl.Int64, "eventdate": pl.String},
+    date_ok = {"bad_eventdate": pl.col("eventdate").str.to_date("%Y-%m-%d", strict=False).is_not_null()}
+    views = scan_rows(views_path, {
+        "session_id": pl.Int64(), "user_id": pl.String(), "item_id": pl.Int64(),
+        "timeframe": pl.Int64(), "eventdate": pl.String()}, separator=";",
+        required=("session_id", "item_id", "timeframe", "eventdate"), checks=date_ok, notes=notes,
     ).select(
         pl.col("session_id").alias("session"), pl.lit("view").alias("event_type"),
         pl.col("item_id").alias("item"), pl.col("user_id").alias("user"), "timeframe", "eventdate")
@@ -63,9 +65,10 @@ def read(input_path: str | Path, notes: dict | None = None) -> pl.DataFrame:
     purchases_path = find_file(folder, ["train-purchases.csv"], DATASET, required=False)
     if purchases_path is not None:
         check_header(purchases_path, PURCHASE_COLUMNS, separator=";", dataset=DATASET)
-        purchases = pl.scan_csv(purchases_path, separator=";", schema_overrides={
-            "sessionId": pl.Int64, "userId": pl.String, "timeframe": pl.Int64, "eventdate": pl.String,
-            "ordernumber": pl.Int64, "itemId": pl.Int64},
+        purchases = scan_rows(purchases_path, {
+            "sessionId": pl.Int64(), "userId": pl.String(), "timeframe": pl.Int64(), "eventdate": pl.String(),
+            "ordernumber": pl.Int64(), "itemId": pl.Int64()}, separator=";",
+            required=("sessionId", "timeframe", "eventdate", "itemId"), checks=date_ok, notes=notes,
         ).select(
             pl.col("sessionId").alias("session"), pl.lit("transaction").alias("event_type"),
             pl.col("itemId").alias("item"), pl.col("userId").alias("user"), "timeframe", "eventdate")
@@ -82,8 +85,9 @@ def read(input_path: str | Path, notes: dict | None = None) -> pl.DataFrame:
     categories_path = find_file(folder, ["product-categories.csv"], DATASET, required=False)
     if categories_path is not None:
         check_header(categories_path, ("itemId", "categoryId"), separator=";", dataset=DATASET)
-        categories = pl.scan_csv(categories_path, separator=";", schema_overrides={
-            "itemId": pl.Int64, "categoryId": pl.String}).unique("itemId", keep="last", maintain_order=True)
+        categories = scan_rows(categories_path, {"itemId": pl.Int64(), "categoryId": pl.String()},
+                               separator=";", required=("itemId", "categoryId"), notes=notes,
+                               ).select("itemId", "categoryId").unique("itemId", keep="last", maintain_order=True)
         events = events.join(categories, left_on="item", right_on="itemId", how="left", maintain_order="left")
     frame = canonical(events.with_columns(
         pl.col("session").cast(pl.String).alias("session_id"),

@@ -18,7 +18,8 @@ from pathlib import Path
 import polars as pl
 
 from stream.errors import ClickscoreError
-from training.readers.common import canonical, check_header, count_dropped, folder_of, guess_dataset, require_rows
+from training.readers.common import (canonical, check_header, count_dropped, folder_of, guess_dataset,
+                                     require_rows, scan_rows)
 
 DATASET = "rees46"
 COLUMNS = ("event_time", "event_type", "product_id", "category_id", "category_code", "brand",
@@ -44,20 +45,21 @@ def read(input_path: str | Path, notes: dict | None = None) -> pl.DataFrame:
     files = _input_files(input_path)
     for path in files:
         check_header(path, COLUMNS, dataset=DATASET)
+    time_format = "%Y-%m-%d %H:%M:%S UTC"
     rows = pl.concat([
-        pl.scan_csv(path, schema_overrides={
-            "event_time": pl.String, "event_type": pl.String, "product_id": pl.Int64,
-            "category_id": pl.String, "category_code": pl.String, "brand": pl.String,
-            "price": pl.Float64, "user_id": pl.Int64, "user_session": pl.String})
+        scan_rows(path, {
+            "event_time": pl.String(), "event_type": pl.String(), "product_id": pl.Int64(),
+            "category_id": pl.String(), "category_code": pl.String(), "brand": pl.String(),
+            "price": pl.Float64(), "user_id": pl.Int64(), "user_session": pl.String()},
+            required=("event_time", "event_type", "product_id"), notes=notes,
+            checks={"unknown_event_type": pl.col("event_type").is_in([*EVENT_TYPES, *DROPPED_EVENT_TYPES]),
+                    "bad_event_time": pl.col("event_time").str.to_datetime(
+                        time_format, time_unit="ms", time_zone="UTC", strict=False).is_not_null()})
         .select("event_time", "event_type", "product_id", "category_id", "price", "user_id", "user_session")
         for path in files
     ])
     counts = rows.group_by("event_type").agg(
         pl.len().alias("events"), pl.col("user_session").null_count().alias("no_session")).collect()
-    unknown = [t for t in counts["event_type"].to_list() if t not in EVENT_TYPES and t not in DROPPED_EVENT_TYPES]
-    if unknown:
-        raise ClickscoreError(f"{files[0]}: unknown event_type {unknown[:3]}; REES46 uses "
-                              f"{sorted([*EVENT_TYPES, *DROPPED_EVENT_TYPES])}")
     for event_type, events, no_session in counts.iter_rows():
         if event_type in DROPPED_EVENT_TYPES:
             count_dropped(notes, event_type, events)
@@ -72,7 +74,7 @@ def read(input_path: str | Path, notes: dict | None = None) -> pl.DataFrame:
             pl.col("event_type").replace_strict(EVENT_TYPES),
             pl.col("product_id").cast(pl.String).alias("item_id"),
             pl.when(pl.col("price").is_finite() & (pl.col("price") > 0)).then(pl.col("price")).otherwise(None).alias("price"),
-            pl.col("event_time").str.to_datetime("%Y-%m-%d %H:%M:%S UTC", time_unit="ms", time_zone="UTC")
+            pl.col("event_time").str.to_datetime(time_format, time_unit="ms", time_zone="UTC")
             .dt.epoch("ms").alias("timestamp"),
             pl.col("user_id").cast(pl.String),
         )

@@ -25,7 +25,7 @@ from pathlib import Path
 import polars as pl
 
 from stream.errors import ClickscoreError
-from training.readers.common import canonical, check_header, find_file, folder_of, require_rows
+from training.readers.common import canonical, check_header, find_file, folder_of, require_rows, scan_rows
 from training.sessionize import sessionize
 
 DATASET = "retailrocket"
@@ -46,8 +46,8 @@ def item_categories(folder: Path, notes: dict | None) -> pl.LazyFrame | None:
             check_header(path, PROPERTY_COLUMNS, dataset=DATASET)
         # Filter before anything else: `categoryid` is a few % of the ~20M property rows.
         properties = pl.concat([
-            pl.scan_csv(path, schema_overrides={"timestamp": pl.Int64, "itemid": pl.Int64,
-                                                "property": pl.String, "value": pl.String})
+            scan_rows(path, {"timestamp": pl.Int64(), "itemid": pl.Int64(), "property": pl.String(),
+                             "value": pl.String()}, required=PROPERTY_COLUMNS, notes=notes)
             .select(PROPERTY_COLUMNS)
             for path in present
         ]).filter(pl.col("property") == "categoryid")
@@ -63,7 +63,8 @@ def item_categories(folder: Path, notes: dict | None) -> pl.LazyFrame | None:
         check_header(third_party, ("ItemId", "categoryid"), dataset=DATASET)
         if notes is not None:
             notes["category_source"] = third_party.name
-        return (pl.scan_csv(third_party, schema_overrides={"ItemId": pl.Int64, "categoryid": pl.String})
+        return (scan_rows(third_party, {"ItemId": pl.Int64(), "categoryid": pl.String()},
+                          required=("ItemId", "categoryid"), notes=notes)
                 .select(pl.col("ItemId").alias("item_key"), pl.col("categoryid").alias("category_id"))
                 .unique("item_key", keep="last", maintain_order=True))
     if notes is not None:
@@ -92,16 +93,13 @@ def read(input_path: str | Path, session_gap_minutes: float, notes: dict | None 
         folder, ["events.csv"], DATASET)
     check_header(events_path, EVENT_COLUMNS, dataset=DATASET)
     events = (
-        pl.scan_csv(events_path, schema_overrides={
-            "timestamp": pl.Int64, "visitorid": pl.Int64, "event": pl.String,
-            "itemid": pl.Int64, "transactionid": pl.Int64})
-        .select(EVENT_COLUMNS)
-        .with_row_index("_row")
+        scan_rows(events_path, {"timestamp": pl.Int64(), "visitorid": pl.Int64(), "event": pl.String(),
+                                "itemid": pl.Int64(), "transactionid": pl.Int64()},
+                  required=("timestamp", "visitorid", "event", "itemid"), notes=notes,
+                  checks={"unknown_event": pl.col("event").is_in(list(EVENT_TYPES))})
+        .select("_line", *EVENT_COLUMNS)
+        .rename({"_line": "_row"})
     )
-    bad = events.filter(~pl.col("event").is_in(list(EVENT_TYPES))).select("event").head(3).collect()
-    if bad.height:
-        raise ClickscoreError(f"{events_path}: unknown event {bad['event'].to_list()}; "
-                              f"Retail Rocket events are {sorted(EVENT_TYPES)}")
     categories = item_categories(folder, notes)
     check_category_tree(folder, categories, notes)
     if categories is not None:

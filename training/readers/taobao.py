@@ -23,7 +23,7 @@ from pathlib import Path
 import polars as pl
 
 from stream.errors import ClickscoreError
-from training.readers.common import canonical, count_dropped, first_line, folder_of, require_rows
+from training.readers.common import canonical, count_dropped, first_line, folder_of, require_rows, scan_rows
 from training.sessionize import sessionize
 
 DATASET = "taobao"
@@ -59,17 +59,14 @@ def read(input_path: str | Path, session_gap_minutes: float, notes: dict | None 
     """UserBehavior.csv -> canonical events (original row order)."""
     path = _input_file(input_path)
     _check(path)
+    schema = {"user": pl.Int64(), "item": pl.Int64(), "category": pl.Int64(), "behavior": pl.String(),
+              "time": pl.Int64()}
     rows = (
-        pl.scan_csv(path, has_header=False, new_columns=list(COLUMNS), schema_overrides={
-            "user": pl.Int64, "item": pl.Int64, "category": pl.Int64, "behavior": pl.String, "time": pl.Int64})
-        .with_row_index("_row")
+        scan_rows(path, schema, header=False, names=COLUMNS, required=COLUMNS, notes=notes,
+                  checks={"unknown_behavior_type": pl.col("behavior").is_in([*BEHAVIOURS, *DROPPED_BEHAVIOURS])})
+        .rename({"_line": "_row"})
         .with_columns((pl.col("time") * 1000).alias("timestamp"))
     )
-    unknown = rows.filter(~pl.col("behavior").is_in([*BEHAVIOURS, *DROPPED_BEHAVIOURS])).select(
-        "behavior").head(3).collect()
-    if unknown.height:
-        raise ClickscoreError(f"{path}: unknown behavior_type {unknown['behavior'].to_list()}; "
-                              f"Taobao uses {sorted([*BEHAVIOURS, *DROPPED_BEHAVIOURS])}")
     in_period = pl.col("time").is_between(PERIOD_SECONDS[0], PERIOD_SECONDS[1], closed="left")
     count_dropped(notes, "outside_published_period", rows.select((~in_period).sum()).collect().item())
     rows = rows.filter(in_period)

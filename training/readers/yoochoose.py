@@ -29,7 +29,7 @@ from pathlib import Path
 import polars as pl
 
 from stream.errors import ClickscoreError
-from training.readers.common import canonical, first_line, folder_of, guess_dataset, require_rows
+from training.readers.common import canonical, first_line, folder_of, guess_dataset, require_rows, scan_rows
 
 DATASET = "yoochoose"
 CLICK_COLUMNS = ("session", "time", "item", "category")
@@ -48,16 +48,20 @@ def _check_raw(path: Path, columns: tuple[str, ...]) -> None:
 
 
 def _epoch_ms(column: str) -> pl.Expr:
-    return pl.col(column).str.to_datetime(ISO_FORMAT, time_unit="ms", time_zone="UTC").dt.epoch("ms")
+    return pl.col(column).str.to_datetime(ISO_FORMAT, time_unit="ms", time_zone="UTC",
+                                          strict=False).dt.epoch("ms")
 
 
-def read_raw(clicks_path: Path, buys_path: Path | None) -> pl.DataFrame:
+TIME_PARSES = {"bad_time": _epoch_ms("time").is_not_null()}
+
+
+def read_raw(clicks_path: Path, buys_path: Path | None, notes: dict | None = None) -> pl.DataFrame:
     """yoochoose-clicks.dat (+ yoochoose-buys.dat) -> canonical events, clicks first."""
     _check_raw(clicks_path, CLICK_COLUMNS)
     clicks = (
-        pl.scan_csv(clicks_path, has_header=False, new_columns=list(CLICK_COLUMNS),
-                    schema_overrides={"session": pl.Int64, "time": pl.String,
-                                      "item": pl.Int64, "category": pl.String})
+        scan_rows(clicks_path, {"session": pl.Int64(), "time": pl.String(), "item": pl.Int64(),
+                                "category": pl.String()}, header=False, names=CLICK_COLUMNS,
+                  required=("session", "time", "item"), checks=TIME_PARSES, notes=notes)
         .select(
             pl.col("session"), pl.lit("view").alias("event_type"), pl.col("item"),
             # "0" is the "no category" marker of the challenge, not a category.
@@ -70,9 +74,10 @@ def read_raw(clicks_path: Path, buys_path: Path | None) -> pl.DataFrame:
     if buys_path is not None:
         _check_raw(buys_path, BUY_COLUMNS)
         parts.append(
-            pl.scan_csv(buys_path, has_header=False, new_columns=list(BUY_COLUMNS),
-                        schema_overrides={"session": pl.Int64, "time": pl.String, "item": pl.Int64,
-                                          "price": pl.Float64, "quantity": pl.Int64})
+            scan_rows(buys_path, {"session": pl.Int64(), "time": pl.String(), "item": pl.Int64(),
+                                  "price": pl.Float64(), "quantity": pl.Int64()}, header=False,
+                      names=BUY_COLUMNS, required=("session", "time", "item"), checks=TIME_PARSES,
+                      notes=notes)
             .select(
                 pl.col("session"), pl.lit("transaction").alias("event_type"), pl.col("item"),
                 pl.lit(None, dtype=pl.String).alias("category_id"),
@@ -108,24 +113,25 @@ def _prepared_prefix(folder: Path, given: Path | None) -> str:
     return prefixes[0]
 
 
-def _scan_prepared(path: Path) -> pl.LazyFrame:
+def _scan_prepared(path: Path, notes: dict | None) -> pl.LazyFrame:
     header = first_line(path).split("\t")
     if header[:3] != ["SessionId", "ItemId", "Time"]:
         raise ClickscoreError(f"{path} has header {header} but a session-rec file needs "
                               "tab-separated SessionId, ItemId, Time")
-    return pl.scan_csv(path, separator="\t", schema_overrides={
-        "SessionId": pl.Int64, "ItemId": pl.Int64, "Time": pl.Float64}).select("SessionId", "ItemId", "Time")
+    columns = {"SessionId": pl.Int64(), "ItemId": pl.Int64(), "Time": pl.Float64()}
+    return scan_rows(path, columns, separator="\t", required=columns, notes=notes,
+                     checks={"bad_Time": pl.col("Time").is_finite()}).select(*columns)
 
 
-def read_prepared(folder: Path, prefix: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+def read_prepared(folder: Path, prefix: str, notes: dict | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """session-rec files -> (canonical events, published (session_id, split))."""
     paths = {suffix: folder / f"{prefix}{suffix}" for suffix in PREPARED_SUFFIXES}
     for suffix in ("_train_full.txt", "_test.txt"):
         if not paths[suffix].is_file():
             raise ClickscoreError(f"{paths[suffix]} is missing: session-rec data needs both "
                                   f"{prefix}_train_full.txt and {prefix}_test.txt")
-    full = _scan_prepared(paths["_train_full.txt"])
-    test = _scan_prepared(paths["_test.txt"])
+    full = _scan_prepared(paths["_train_full.txt"], notes)
+    test = _scan_prepared(paths["_test.txt"], notes)
     events = canonical(pl.concat([full, test]).select(
         pl.col("SessionId").cast(pl.String).alias("session_id"),
         pl.lit("view").alias("event_type"),
@@ -141,7 +147,7 @@ def read_prepared(folder: Path, prefix: str) -> tuple[pl.DataFrame, pl.DataFrame
                               "these files do not form a split")
     has_tuning = paths["_train_tr.txt"].is_file() and paths["_train_valid.txt"].is_file()
     if has_tuning:
-        train_sessions = _scan_prepared(paths["_train_tr.txt"]).select(pl.col("SessionId").unique()).collect()
+        train_sessions = _scan_prepared(paths["_train_tr.txt"], None).select(pl.col("SessionId").unique()).collect()
         full_split = pl.DataFrame({"SessionId": full_sessions}).with_columns(
             pl.when(pl.col("SessionId").is_in(train_sessions["SessionId"].implode()))
             .then(pl.lit("train")).otherwise(pl.lit("valid")).alias("split"))
@@ -171,8 +177,8 @@ def read(input_path: str | Path, notes: dict | None = None) -> tuple[pl.DataFram
                     f"no yoochoose-buys.dat beside {raw_clicks.name}: no transaction events, no buy labels")
         if notes is not None:
             notes["files"] = [raw_clicks.name] + ([buys.name] if buys else [])
-        return read_raw(raw_clicks, buys), None
+        return read_raw(raw_clicks, buys, notes), None
     prefix = _prepared_prefix(folder, given)
     if notes is not None:
         notes["files"] = sorted(p.name for p in folder.glob(f"{prefix}_*.txt"))
-    return read_prepared(folder, prefix)
+    return read_prepared(folder, prefix, notes)
