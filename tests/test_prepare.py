@@ -240,7 +240,9 @@ def test_canonical_round_trip_keeps_the_split(tmp_path):
     original, _ = load(tmp_path / "a")
     stats = prepare("canonical", tmp_path / "a" / "events.parquet", tmp_path / "b")
     again, _ = load(tmp_path / "b")
-    assert stats["split_method"] == "published"
+    assert stats["split_method"] == "from_input"
+    # The input's split has a valid part: no days were used to make it.
+    assert "test_days" not in stats and "valid_days" not in stats
     assert again.equals(original)
 
 
@@ -411,7 +413,7 @@ def test_rees46_and_otto_bad_lines(tmp_path):
     lines.insert(7, '{"session": 98, "events": [{"aid": 1, "ts": 1659304800025, "type": "wish"}]}')  # line 8
     (tmp_path / "otto.jsonl").write_text("\n".join(lines) + "\n")
     stats = prepare("otto", tmp_path / "otto.jsonl", tmp_path / "out-otto")
-    assert malformed(stats)[1] == [("otto.jsonl", 4, "invalid_json_line"), ("otto.jsonl", 8, "unknown_event_type_or_ts")]
+    assert malformed(stats)[1] == [("otto.jsonl", 4, "invalid_json"), ("otto.jsonl", 8, "unknown_event_type")]
     assert stats["events"] == 862
 
 
@@ -424,3 +426,71 @@ def test_cli_prints_malformed_rows_with_line_numbers(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "1 malformed rows left out (bad_timestamp 1)" in done.stderr
     assert "log.csv:32: bad_timestamp: s,view,i,oops" in done.stderr
+
+
+def test_more_bad_rows_every_format(tmp_path):
+    # yoochoose buys: negative price, blank line; clicks clean.
+    src = tmp_path / "yc"
+    src.mkdir()
+    (src / "yoochoose-clicks.dat").write_text((FIXTURES / "yoochoose" / "yoochoose-clicks.dat").read_text())
+    buys = (FIXTURES / "yoochoose" / "yoochoose-buys.dat").read_text().splitlines()
+    buys.insert(1, "3,2014-04-08T12:00:00.000Z,214536502,-5,1")   # line 2
+    buys.insert(2, "")                                            # line 3
+    (src / "yoochoose-buys.dat").write_text("\n".join(buys) + "\n")
+    stats = prepare("yoochoose", src, tmp_path / "out-yc")
+    assert malformed(stats)[1] == [("yoochoose-buys.dat", 2, "bad_price"), ("yoochoose-buys.dat", 3, "blank_line")]
+    assert stats["events"] == 15 + 3
+    # rees46, two files: a negative price and a short row in the second file.
+    rees = tmp_path / "rees"
+    rees.mkdir()
+    rows = (DATASETS / "rees46" / "2019-Oct-sample.csv").read_text().splitlines()
+    (rees / "2019-Nov.csv").write_text("\n".join(rows[:1] + rows[1:201]) + "\n")
+    tail = rows[:1] + rows[201:]
+    tail.insert(5, "2019-10-01 00:00:00 UTC,view,44600062,1,,b,-3,541312140,x")   # line 6
+    tail.insert(9, "2019-10-01 00:00:00 UTC")                                      # line 10
+    (rees / "2019-Oct.csv").write_text("\n".join(tail) + "\n")
+    stats = prepare("rees46", rees, tmp_path / "out-rees")
+    assert malformed(stats)[1] == [("2019-Oct.csv", 6, "bad_price"), ("2019-Oct.csv", 10, "missing_event_type")]
+    assert stats["events"] == 1_000
+    # taobao: too many fields, a stray quote must not swallow the following lines.
+    lines = (DATASETS / "taobao-userbehavior" / "UserBehavior_head.csv").read_text().splitlines()[:300]
+    lines.insert(4, '1,"2268318,2520377,pv,1511544070')       # line 5
+    lines.insert(6, "1,2268318,2520377,pv,1511544070,9")      # line 7
+    (tmp_path / "UserBehavior.csv").write_text("\n".join(lines) + "\n")
+    stats = prepare("taobao", tmp_path / "UserBehavior.csv", tmp_path / "out-tb")
+    assert malformed(stats)[1] == [("UserBehavior.csv", 5, "bad_item"), ("UserBehavior.csv", 7, "too_many_fields")]
+    # OTTO: a blank line, an event without aid, a value of the wrong type.
+    otto = (DATASETS / "otto" / "train.jsonl").read_text().splitlines()
+    otto.insert(1, "")                                                                      # line 2
+    otto.insert(2, '{"session": 97, "events": [{"ts": 1659304800025, "type": "clicks"}]}')  # line 3
+    otto.insert(4, '{"session": "x", "events": []}')                                        # line 5
+    (tmp_path / "o.jsonl").write_text("\n".join(otto) + "\n")
+    stats = prepare("otto", tmp_path / "o.jsonl", tmp_path / "out-otto")
+    assert malformed(stats)[1] == [("o.jsonl", 2, "blank_line"), ("o.jsonl", 3, "missing_aid"),
+                                   ("o.jsonl", 5, "bad_value")]
+    assert stats["events"] == 862
+
+
+def test_canonical_csv_and_jsonl_structural_bad_rows(tmp_path):
+    good = [f"s{n},view,i{n},{1767261600000 + n}" for n in range(20)]
+    lines = ["session_id,event_type,item_id,timestamp", *good]
+    lines.insert(3, "s90,view,i1,1767261600000,extra")     # line 4
+    lines.insert(6, "s91,view")                             # line 7
+    (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
+    stats = prepare("canonical", tmp_path / "log.csv", tmp_path / "out")
+    assert malformed(stats)[1] == [("log.csv", 4, "too_many_fields"), ("log.csv", 7, "missing_item_id")]
+    assert stats["events"] == 20 and stats["split_method"] != "from_input"
+    records = [json.dumps({"session_id": f"s{n}", "event_type": "view", "item_id": f"i{n}",
+                           "timestamp": 1767261600000 + n, "split": "train" if n < 15 else "test"})
+               for n in range(20)]
+    records.insert(2, '{"session_id": "s90", "event_type": ')                              # line 3
+    records.insert(5, json.dumps({"session_id": "s91", "event_type": "view", "item_id": "i",
+                                  "timestamp": "soon", "split": "train"}))                  # line 6
+    (tmp_path / "log.jsonl").write_text("\n".join(records) + "\n")
+    stats = prepare("canonical", tmp_path / "log.jsonl", tmp_path / "out-j")
+    assert malformed(stats)[1] == [("log.jsonl", 3, "invalid_json"), ("log.jsonl", 6, "bad_timestamp")]
+    assert stats["events"] == 20 and stats["split_method"] == "from_input"
+    assert stats["valid_days"] == 7.0 and "test_days" not in stats
+    with pytest.raises(ClickscoreError, match="lacks column"):
+        (tmp_path / "x.jsonl").write_text('{"session_id": "s", "item_id": "i", "timestamp": 1767261600000}\n')
+        prepare("canonical", tmp_path / "x.jsonl", tmp_path / "out-x")

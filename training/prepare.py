@@ -182,7 +182,15 @@ def prepare(dataset: str, input_path: str | Path, out: str | Path, test_days: fl
         notes.setdefault("warnings", []).append(split.warning)
     events = ordered(events, row_order, split)
     del sessions, row_order
-    settings: dict[str, Any] = {"input": str(input_path), "test_days": test_days, "valid_days": valid_days}
+    settings: dict[str, Any] = {"input": str(input_path)}
+    if published is None:
+        settings.update(test_days=test_days, valid_days=valid_days)
+    else:
+        if dataset == "canonical":
+            # A canonical file's own split (a simulated log's temporal one), not a dataset's publication.
+            split = SplitResult(split.splits, "from_input", split.warning)
+        if not (published["split"] == "valid").any():
+            settings["valid_days"] = valid_days     # validation carved from its train part
     if dataset in SESSIONISED:
         settings["session_gap_minutes"] = session_gap_minutes
     stats = compute_stats(dataset, events, split, notes, settings)

@@ -33,7 +33,7 @@ SPLITS = ("train", "valid", "test")
 class SplitResult:
     """Per-session split plus how it was made (for stats.json and the warning line)."""
     splits: pl.DataFrame          # (session_id, split)
-    method: str                   # published | temporal | temporal_quantile
+    method: str                   # published | from_input (prepare, canonical) | temporal | temporal_quantile
     warning: str | None = None
 
 

@@ -7,13 +7,17 @@ category_id, price, user_id, event_id, split optional. Values follow the click-e
 contract (stream/events.py), and this reader uses its functions so that a file that
 prepares cleanly also streams cleanly: event types go through normalise_event_type
 (so `click`, `cart`, `buy` ... are accepted), timestamps are epoch ms integers or
-ISO-8601 strings (parse_timestamp), prices must be finite and >= 0. Any violation
-stops with a ClickscoreError naming the column, how many rows and the first bad row.
+ISO-8601 strings (parse_timestamp), prices must be finite and >= 0. A row that breaks
+these rules (or a blank line, a CSV line with too many/few fields, a JSON line that does
+not parse) is left out and reported with its line number (row number for Parquet);
+a missing required column or an unreadable file stops with a ClickscoreError. In JSON
+lines, the first line names the columns.
 A `split` column (train|valid|test, one value per session) is returned as the
 published split; a column of nulls only means "no split".
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -21,7 +25,8 @@ import polars as pl
 from stream.errors import ClickscoreError
 from stream.events import (
     MAX_ID_CHARS, MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS, InvalidEvent, normalise_event_type, parse_timestamp)
-from training.readers.common import CANONICAL_SCHEMA, canonical, folder_of, report_malformed, require_rows
+from training.readers.common import (
+    CANONICAL_SCHEMA, canonical, first_line, folder_of, json_lines, raw_rows, report_malformed, require_rows)
 
 DATASET = "canonical"
 REQUIRED = ("session_id", "event_type", "item_id", "timestamp")
@@ -30,17 +35,32 @@ ID_COLUMNS = ("session_id", "item_id", "category_id", "user_id", "event_id")
 SPLITS = ("train", "valid", "test")
 
 
-def _load(path: Path) -> pl.DataFrame:
+def _load(path: Path, notes: dict | None) -> pl.DataFrame:
+    """The file's columns plus `_line` (file line; row number for Parquet) and `_reason`
+    (a structural problem of the row: blank line, too many/few fields, not JSON)."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            return pl.read_parquet(path)
+            frame = pl.read_parquet(path)
+            return frame.with_row_index("_line", offset=1).with_columns(pl.lit(None, pl.String).alias("_reason"))
         if suffix == ".csv":
             # Everything as text: ids must not become floats, and the checks below
             # report bad values instead of a parser error.
-            return pl.read_csv(path, infer_schema=False)
+            names = [n.strip().strip('"') for n in first_line(path).split(",")]
+            return raw_rows(path, names, quote_char='"').collect()
         if suffix in (".jsonl", ".ndjson", ".json"):
-            return pl.read_ndjson(path, infer_schema_length=None)
+            # Values as text, checked below like CSV ones; which columns the file has
+            # is read from its first line.
+            head = first_line(path)
+            try:
+                names = list(json.loads(head)) if head.strip() else []
+            except (ValueError, TypeError):
+                names = []
+            known = [*REQUIRED, *OPTIONAL]
+            dtype = pl.Struct({n: pl.String for n in dict.fromkeys([*known, *names])})
+            frame = json_lines(path, dtype, notes).with_columns(
+                pl.lit(None, pl.String).alias("_reason"))
+            return frame.select([c for c in frame.columns if c in names or c in ("_line", "_reason")])
     except pl.exceptions.PolarsError as exc:
         raise ClickscoreError(f"{path}: cannot read as {suffix[1:]} ({str(exc).splitlines()[0]})") from None
     raise ClickscoreError(f"--dataset canonical: {path} must be .csv, .parquet or .jsonl")
@@ -50,8 +70,8 @@ class RowProblems:
     """The first problem of each row (null where the row is fine): bad values drop
     their row and are reported with its line, they do not stop the preparation."""
 
-    def __init__(self, height: int):
-        self.reasons = pl.Series("_reason", [None] * height, dtype=pl.String)
+    def __init__(self, reasons: pl.Series):
+        self.reasons = reasons.alias("_reason")
 
     def mark(self, bad: pl.Series, reason: str) -> None:
         bad = bad.fill_null(False)
@@ -155,29 +175,29 @@ def read(input_path: str | Path, notes: dict | None = None) -> tuple[pl.DataFram
     if path is None:
         raise ClickscoreError(f"--dataset canonical: --input must be a .csv, .parquet or .jsonl file, "
                               f"{input_path} is a folder")
-    frame = _load(path)
+    frame = _load(path, notes)
     missing = [name for name in REQUIRED if name not in frame.columns]
     if missing:
+        columns = [c for c in frame.columns if c not in ("_line", "_reason")]
         raise ClickscoreError(
-            f"{path} lacks column(s) {missing} (it has {frame.columns[:12]}); the canonical format needs "
+            f"{path} lacks column(s) {missing} (it has {columns[:12]}); the canonical format needs "
             f"{list(REQUIRED)} and optionally {list(OPTIONAL)} (see docs/data.md)")
-    extra = [name for name in frame.columns if name not in CANONICAL_SCHEMA and name != "split"]
+    extra = [name for name in frame.columns if name not in CANONICAL_SCHEMA and name not in ("split", "_line", "_reason")]
     if extra and notes is not None:
         notes.setdefault("warnings", []).append(f"ignored column(s) not in the canonical format: {extra}")
-    problems = RowProblems(frame.height)
+    problems = RowProblems(frame["_reason"])
     frame = _identifiers(frame, problems)
     frame = frame.with_columns(_event_types(frame, problems).alias("event_type"),
                                _timestamps(frame, problems).alias("timestamp"))
     if "price" in frame.columns:
         frame = frame.with_columns(_prices(frame, problems).alias("price"))
-    frame = frame.with_row_index("_row").with_columns(problems.reasons)
+    frame = frame.with_columns(problems.reasons)
     bad = frame.filter(pl.col("_reason").is_not_null())
     if bad.height:
         # Text formats report file lines (a CSV header is line 1); Parquet its row numbers.
-        offset = {".csv": 2, ".parquet": 1}.get(path.suffix.lower(), 1)
-        report_malformed(notes, path, bad.select((pl.col("_row") + offset).alias("_line"), "_reason"),
+        report_malformed(notes, path, bad.select("_line", "_reason"),
                          text_lines=path.suffix.lower() != ".parquet")
         frame = frame.filter(pl.col("_reason").is_null())
-    frame = frame.drop("_row", "_reason")
+    frame = frame.drop("_line", "_reason")
     published = _published_split(frame, path) if "split" in frame.columns else None
     return require_rows(canonical(frame).collect(), path, DATASET), published

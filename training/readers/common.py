@@ -7,6 +7,7 @@ ClickscoreError with a sentence that says what to fix.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -136,27 +137,51 @@ def require_rows(frame: pl.DataFrame, path: Path | str, dataset: str) -> pl.Data
 MALFORMED_SHOWN = 20
 
 
+def raw_rows(path: Path, names: Iterable[str], *, separator: str = ",", header: bool = True,
+             quote_char: str | None = None) -> pl.LazyFrame:
+    """The fields of a delimited text file as strings, with `_line` (1-based line number)
+    and `_reason`, the structural problem of the row or null: `blank_line`,
+    `too_many_fields`. Empty and absent fields are null.
+
+    `quote_char` None (the public layouts, which never quote) makes every line one row,
+    so `_line` is exact and a stray quote cannot swallow the lines after it; with
+    quoting, a quoted field that spans lines shifts the numbers of the lines after it.
+    """
+    names = list(names)
+    raw = pl.scan_csv(
+        path, has_header=False, skip_rows=1 if header else 0, separator=separator, quote_char=quote_char,
+        schema={**{n: pl.String for n in names}, "_extra": pl.String}, missing_columns="insert",
+        truncate_ragged_lines=True,
+    ).with_row_index("_line", offset=2 if header else 1)
+    # A short row reads as nulls for its absent fields: it is reported as the first
+    # required field it lacks (missing_<column>), like an empty field.
+    blank = pl.all_horizontal([pl.col(n).is_null() for n in names]) & pl.col("_extra").is_null()
+    reason = (pl.when(blank).then(pl.lit("blank_line"))
+              .when(pl.col("_extra").is_not_null()).then(pl.lit("too_many_fields"))
+              .otherwise(None))
+    return raw.with_columns(reason.alias("_reason")).with_columns(
+        [pl.when(pl.col(n).str.strip_chars() == "").then(None).otherwise(pl.col(n)).alias(n) for n in names]
+    ).drop("_extra")
+
+
 def scan_rows(path: Path, schema: dict[str, pl.DataType], *, separator: str = ",", header: bool = True,
               names: Iterable[str] | None = None, required: Iterable[str] = (),
-              checks: dict[str, pl.Expr] | None = None, notes: dict | None = None) -> pl.LazyFrame:
+              checks: dict[str, pl.Expr] | None = None, notes: dict | None = None,
+              quote_char: str | None = None) -> pl.LazyFrame:
     """Typed rows of a delimited text file with their `_line` number; rows that do not fit
     are reported and left out.
 
     `names` are the file's columns in order (default: its header). A row is malformed
-    when it has more fields than `names` (`too_many_fields`), a `required` field is
-    empty or absent (`missing_<column>`), a value does not parse as its `schema` type
-    (`bad_<column>`), or a `checks` expression (on the typed row) is not true (its key).
-    The file is scanned twice (once for the report, once for the rows), lazily, so a
-    clean multi-GB file costs parsing time, not memory.
+    when it is blank (`blank_line`), has more fields than `names` (`too_many_fields`),
+    a `required` field is empty or absent, as in a short row (`missing_<column>`), a value does not parse as its `schema` type (`bad_<column>`),
+    or a `checks` expression (on the typed row) is not true (its key); a row gets its
+    first problem in that order. The file is scanned twice (once for the report, once
+    for the rows), lazily, so a clean multi-GB file costs parsing time, not memory.
     """
     names = list(names) if names is not None else [
         n.strip().strip('"') for n in first_line(path).split(separator)]
-    raw = pl.scan_csv(
-        path, has_header=False, skip_rows=1 if header else 0, separator=separator,
-        schema={**{n: pl.String for n in names}, "_extra": pl.String}, missing_columns="insert",
-        truncate_ragged_lines=True,
-    ).with_row_index("_line", offset=2 if header else 1)
-    reason = pl.when(pl.col("_extra").is_not_null()).then(pl.lit("too_many_fields"))
+    raw = raw_rows(path, names, separator=separator, header=header, quote_char=quote_char)
+    reason = pl.when(pl.col("_reason").is_not_null()).then(pl.col("_reason"))
     for column in required:
         reason = reason.when(pl.col(column).is_null()).then(pl.lit(f"missing_{column}"))
     typed_columns = {c: t for c, t in schema.items() if t != pl.String()}
@@ -173,7 +198,64 @@ def scan_rows(path: Path, schema: dict[str, pl.DataType], *, separator: str = ",
         rows = rows.with_columns(check.otherwise(None).alias("_reason"))
     bad = rows.filter(pl.col("_reason").is_not_null()).select("_line", "_reason").collect(engine="streaming")
     report_malformed(notes, path, bad)
-    return rows.filter(pl.col("_reason").is_null()).drop("_reason", "_extra")
+    return rows.filter(pl.col("_reason").is_null()).drop("_reason")
+
+
+JSON_CHUNK_LINES = 65_536
+
+
+def json_lines(path: Path, dtype: pl.Struct, notes: dict | None) -> pl.DataFrame:
+    """A JSON-lines file decoded line by line to `dtype` (fields `dtype.fields`), with
+    `_line`; blank lines (`blank_line`), lines that are not JSON (`invalid_json`) and
+    JSON lines whose values do not fit `dtype` (`bad_value`) are reported and left out.
+
+    Lines are decoded by polars in chunks; only a chunk that fails is halved, down to
+    its bad lines, so a clean file is never looked at line by line in Python.
+    """
+    try:
+        texts = pl.read_csv(path, has_header=False, separator="\x1f", quote_char=None,
+                            schema={"_text": pl.String}, truncate_ragged_lines=True)["_text"]
+    except OSError as exc:
+        raise ClickscoreError(f"cannot read {path}: {exc}") from None
+    texts = texts.str.strip_chars()
+    blank = texts.is_null() | (texts == "")
+    texts = pl.select(pl.when(pl.lit(blank)).then(pl.lit("null")).otherwise(pl.lit(texts)))["literal"]
+    decoded: list[pl.Series] = []
+    bad: list[tuple[int, str]] = []
+    empty = pl.Series("_value", [None], dtype=dtype)
+
+    def decode(start: int, end: int) -> None:
+        piece = texts.slice(start, end - start)
+        try:
+            decoded.append(piece.str.json_decode(dtype).alias("_value"))
+            return
+        except pl.exceptions.PolarsError:
+            pass
+        if end - start == 1:
+            text = piece[0]
+            try:
+                json.loads(text)
+                bad.append((start + 1, "bad_value"))
+            except ValueError:
+                bad.append((start + 1, "invalid_json"))
+            decoded.append(empty)
+            return
+        middle = (start + end) // 2
+        decode(start, middle)
+        decode(middle, end)
+
+    for start in range(0, len(texts), JSON_CHUNK_LINES):
+        decode(start, min(start + JSON_CHUNK_LINES, len(texts)))
+    values = pl.concat(decoded) if decoded else pl.Series("_value", [], dtype=dtype)
+    frame = pl.DataFrame({"_value": values}).with_row_index("_line", offset=1).with_columns(
+        pl.when(pl.lit(blank)).then(pl.lit("blank_line"))
+        .when(pl.col("_value").is_null()).then(pl.lit("not_an_object")).otherwise(None).alias("_reason"))
+    if bad:
+        marks = pl.DataFrame(bad, schema={"_line": pl.UInt32, "_bad": pl.String}, orient="row")
+        frame = frame.join(marks, on="_line", how="left", maintain_order="left").with_columns(
+            pl.coalesce("_bad", "_reason").alias("_reason")).drop("_bad")
+    report_malformed(notes, path, frame.filter(pl.col("_reason").is_not_null()).select("_line", "_reason"))
+    return frame.filter(pl.col("_reason").is_null()).unnest("_value").drop("_reason")
 
 
 def report_malformed(notes: dict | None, path: Path, bad: pl.DataFrame, text_lines: bool = True) -> None:
@@ -194,6 +276,9 @@ def report_malformed(notes: dict | None, path: Path, bad: pl.DataFrame, text_lin
     for line, reason in first.iter_rows():
         report["first"].append({"file": path.name, where: int(line), "reason": reason,
                                 "text": texts.get(int(line), "")[:200]})
+    # Files in the order they were read, lines ascending within each.
+    order = {name: i for i, name in reversed(list(enumerate(r["file"] for r in report["first"])))}
+    report["first"].sort(key=lambda r: (order[r["file"]], r.get("line", r.get("row", 0))))
 
 
 def _line_texts(path: Path, lines: set[int]) -> dict[int, str]:

@@ -9,17 +9,19 @@ in the official release; some re-releases (the Kaggle "otto-full-optimized" file
 store seconds, so a log whose largest ts is below 10^11 (year 1973 in ms, year 5138
 in seconds) is read as seconds. `--input` is the file, or a folder with one *.jsonl.
 No category, no price, no user.
+
+Bad lines (not JSON, values of the wrong type, blank) and bad events (no aid, no ts,
+an unknown type) are left out and reported with their line number; a line's other
+events are kept.
 """
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import polars as pl
 
 from stream.errors import ClickscoreError
-from training.readers.common import canonical, first_line, folder_of, report_malformed, require_rows
+from training.readers.common import canonical, first_line, folder_of, json_lines, report_malformed, require_rows
 
 DATASET = "otto"
 EVENT_TYPES = {"clicks": "view", "carts": "addtocart", "orders": "transaction"}
@@ -38,31 +40,6 @@ def _input_file(input_path: str | Path) -> Path:
     return candidates[0]
 
 
-def _read_checked_lines(path: Path, notes: dict | None) -> pl.DataFrame:
-    """Slow path, only for a file polars cannot parse whole: keep the lines that are
-    OTTO sessions, report the others with their line numbers. Bad lines become
-    empty sessions so row numbers still equal line numbers."""
-    good: list[bytes] = []
-    bad_lines: list[tuple[int, str]] = []
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                record = json.loads(line)
-                ok = isinstance(record, dict) and isinstance(record.get("session"), int) \
-                    and isinstance(record.get("events"), list) \
-                    and all(isinstance(e, dict) and isinstance(e.get("aid"), int) for e in record["events"])
-            except ValueError:
-                ok = False
-            if ok:
-                good.append(line.rstrip(b"\r\n"))
-            else:
-                bad_lines.append((number, "invalid_json_line"))
-                good.append(b'{"session": -1, "events": []}')
-    report_malformed(notes, path, pl.DataFrame(bad_lines, schema={"_line": pl.UInt32, "_reason": pl.String},
-                                               orient="row"))
-    return pl.read_ndjson(io.BytesIO(b"\n".join(good)), schema=SCHEMA)
-
-
 def read(input_path: str | Path, notes: dict | None = None) -> pl.DataFrame:
     """OTTO JSON lines -> canonical events (sessions and events in file order)."""
     path = _input_file(input_path)
@@ -71,18 +48,18 @@ def read(input_path: str | Path, notes: dict | None = None) -> pl.DataFrame:
         raise ClickscoreError(f"{path} does not look like OTTO JSON lines "
                               '({"session": ..., "events": [{"aid", "ts", "type"}]}); '
                               f"first line is {head[:80]!r}")
-    try:
-        sessions = pl.read_ndjson(path, schema=SCHEMA)
-    except pl.exceptions.PolarsError:
-        sessions = _read_checked_lines(path, notes)
-    rows = (sessions.with_row_index("_line", offset=1)
-            .explode("events").unnest("events")
-            .filter(pl.col("aid").is_not_null()))
-    unknown = rows.filter(~pl.col("type").is_in(list(EVENT_TYPES)) | pl.col("ts").is_null())
-    if unknown.height:
-        report_malformed(notes, path, unknown.select("_line", pl.lit("unknown_event_type_or_ts").alias("_reason"))
-                         .unique("_line", maintain_order=True))
-        rows = rows.filter(pl.col("type").is_in(list(EVENT_TYPES)) & pl.col("ts").is_not_null())
+    sessions = json_lines(path, pl.Struct(SCHEMA), notes)
+    # One row per event, numbered by its session's line; a session without events has none.
+    rows = (sessions.filter(pl.col("events").list.len().fill_null(1) > 0)
+            .explode("events").unnest("events"))
+    reason = (pl.when(pl.col("session").is_null()).then(pl.lit("missing_session"))
+              .when(pl.col("aid").is_null()).then(pl.lit("missing_aid"))
+              .when(pl.col("ts").is_null()).then(pl.lit("missing_ts"))
+              .when(~pl.col("type").is_in(list(EVENT_TYPES)).fill_null(False)).then(pl.lit("unknown_event_type"))
+              .otherwise(None))
+    rows = rows.with_columns(reason.alias("_reason"))
+    report_malformed(notes, path, rows.filter(pl.col("_reason").is_not_null()).select("_line", "_reason"))
+    rows = rows.filter(pl.col("_reason").is_null())
     in_seconds = rows.height > 0 and rows["ts"].max() < SECONDS_BELOW
     if notes is not None:
         notes["ts_unit"] = "s" if in_seconds else "ms"

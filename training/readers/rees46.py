@@ -8,7 +8,7 @@ event_time,event_type,product_id,category_id,category_code,brand,price,user_id,u
 - event_type view -> view, cart -> addtocart, purchase -> transaction;
   remove_from_cart is dropped (not one of our event types) and counted.
 - session = user_session; rows without one are dropped and counted.
-- price <= 0 -> null (the contract has no free or negative prices).
+- price 0 -> null (the contract has no free prices); a negative price is a malformed row.
 - category_code and brand are not in the contract.
 """
 from __future__ import annotations
@@ -53,6 +53,7 @@ def read(input_path: str | Path, notes: dict | None = None) -> pl.DataFrame:
             "price": pl.Float64(), "user_id": pl.Int64(), "user_session": pl.String()},
             required=("event_time", "event_type", "product_id"), notes=notes,
             checks={"unknown_event_type": pl.col("event_type").is_in([*EVENT_TYPES, *DROPPED_EVENT_TYPES]),
+                    "bad_price": pl.col("price").is_null() | (pl.col("price").is_finite() & (pl.col("price") >= 0)),
                     "bad_event_time": pl.col("event_time").str.to_datetime(
                         time_format, time_unit="ms", time_zone="UTC", strict=False).is_not_null()})
         .select("event_time", "event_type", "product_id", "category_id", "price", "user_id", "user_session")

@@ -53,6 +53,8 @@ def _epoch_ms(column: str) -> pl.Expr:
 
 
 TIME_PARSES = {"bad_time": _epoch_ms("time").is_not_null()}
+# Price 0 is the file's "unknown"; a negative or non-finite price is a broken row.
+PRICE_OK = pl.col("price").is_null() | (pl.col("price").is_finite() & (pl.col("price") >= 0))
 
 
 def read_raw(clicks_path: Path, buys_path: Path | None, notes: dict | None = None) -> pl.DataFrame:
@@ -76,13 +78,13 @@ def read_raw(clicks_path: Path, buys_path: Path | None, notes: dict | None = Non
         parts.append(
             scan_rows(buys_path, {"session": pl.Int64(), "time": pl.String(), "item": pl.Int64(),
                                   "price": pl.Float64(), "quantity": pl.Int64()}, header=False,
-                      names=BUY_COLUMNS, required=("session", "time", "item"), checks=TIME_PARSES,
+                      names=BUY_COLUMNS, required=("session", "time", "item"), checks={**TIME_PARSES, "bad_price": PRICE_OK},
                       notes=notes)
             .select(
                 pl.col("session"), pl.lit("transaction").alias("event_type"), pl.col("item"),
                 pl.lit(None, dtype=pl.String).alias("category_id"),
                 # Price 0 marks an unknown price in the buys file.
-                pl.when(pl.col("price").is_finite() & (pl.col("price") > 0)).then(pl.col("price")).otherwise(None).alias("price"),
+                pl.when(pl.col("price") > 0).then(pl.col("price")).otherwise(None).alias("price"),
                 _epoch_ms("time").alias("timestamp"),
             ))
     frame = canonical(pl.concat(parts).with_columns(
