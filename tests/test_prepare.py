@@ -494,3 +494,78 @@ def test_canonical_csv_and_jsonl_structural_bad_rows(tmp_path):
     with pytest.raises(ClickscoreError, match="lacks column"):
         (tmp_path / "x.jsonl").write_text('{"session_id": "s", "item_id": "i", "timestamp": 1767261600000}\n')
         prepare("canonical", tmp_path / "x.jsonl", tmp_path / "out-x")
+
+
+def test_one_bad_row_never_fails_the_file(tmp_path):
+    """A bad first line, a byte that is not UTF-8, a stray quote, a bad split value, a bad
+    category_tree row, a negative timeframe: each is one reported row, not a failed file."""
+    def reported(stats):
+        return malformed(stats)[1]
+    # YOOCHOOSE raw: a bad first line (the layout check looks at several lines) and a non-UTF-8 byte.
+    yc = tmp_path / "yc"
+    yc.mkdir()
+    clicks = (FIXTURES / "yoochoose" / "yoochoose-clicks.dat").read_bytes().splitlines()
+    good = len(clicks)
+    clicks.insert(0, b"garbage")                                          # line 1
+    clicks.insert(4, b"5,2014-04-07T10:51:09.277Z,214536502,\xff\xfe")    # line 5
+    (yc / "yoochoose-clicks.dat").write_bytes(b"\n".join(clicks) + b"\n")
+    stats = prepare("yoochoose", yc, tmp_path / "out-yc")
+    assert reported(stats) == [("yoochoose-clicks.dat", 1, "missing_time"), ("yoochoose-clicks.dat", 5, "bad_encoding")]
+    assert stats["events"] == good
+    # Taobao and OTTO: a bad first line.
+    lines = (DATASETS / "taobao-userbehavior" / "UserBehavior_head.csv").read_text().splitlines()[:300] \
+        if DATASETS.is_dir() else []
+    if lines:
+        (tmp_path / "UserBehavior.csv").write_text("\n".join(["1,2,3,wish,5", *lines]) + "\n")
+        stats = prepare("taobao", tmp_path / "UserBehavior.csv", tmp_path / "out-tb")
+        assert reported(stats) == [("UserBehavior.csv", 1, "unknown_behavior_type")]
+        otto = (DATASETS / "otto" / "train.jsonl").read_text().splitlines()
+        (tmp_path / "o.jsonl").write_text("\n".join(["oops", *otto]) + "\n")
+        stats = prepare("otto", tmp_path / "o.jsonl", tmp_path / "out-otto")
+        assert reported(stats) == [("o.jsonl", 1, "invalid_json")] and stats["events"] == 862
+    # Canonical CSV: a stray quote (blanked, the lines after it keep their numbers) and a bad split.
+    rows = [f"s{n},view,i{n},{1767261600000 + n},{'train' if n < 15 else 'test'}" for n in range(20)]
+    lines = ["session_id,event_type,item_id,timestamp,split", *rows]
+    lines.insert(3, 's90,view,"i9,1767261600000,train')                  # line 4
+    lines.insert(8, "s91,view,i1,1767261600000,tst")                     # line 9
+    lines.insert(12, 's92,view,"i,9",1767261600000,train')               # line 13: quoted, fine
+    (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
+    stats = prepare("canonical", tmp_path / "log.csv", tmp_path / "out-csv")
+    assert reported(stats) == [("log.csv", 4, "unbalanced_quote"), ("log.csv", 9, "bad_split")]
+    events = load(tmp_path / "out-csv")[0]
+    assert stats["events"] == 21 and "i,9" in set(events["item_id"])
+    # Canonical JSON lines: a broken first line; the columns come from the lines after it.
+    records = [json.dumps({"session_id": f"s{n}", "event_type": "view", "item_id": "i",
+                           "timestamp": 1767261600000 + n}) for n in range(20)]
+    (tmp_path / "log.jsonl").write_text("\n".join(['{"session_id": "s9", ', *records]) + "\n")
+    stats = prepare("canonical", tmp_path / "log.jsonl", tmp_path / "out-j")
+    assert reported(stats) == [("log.jsonl", 1, "invalid_json")] and stats["events"] == 20
+    # Retail Rocket: a bad category_tree row is reported, not a parser error.
+    rr = tmp_path / "rr"
+    rr.mkdir()
+    for name in ("events.csv", "item_properties_part1.csv", "item_properties_part2.csv"):
+        (rr / name).write_text((FIXTURES / "retailrocket" / name).read_text())
+    tree = (FIXTURES / "retailrocket" / "category_tree.csv").read_text().splitlines()
+    tree.insert(2, "1,2,3")                                               # line 3
+    (rr / "category_tree.csv").write_text("\n".join(tree) + "\n")
+    stats = prepare("retailrocket", rr, tmp_path / "out-rr")
+    assert reported(stats) == [("category_tree.csv", 3, "too_many_fields")] and stats["events"] == 8
+
+
+@needs_samples
+def test_diginetica_negative_timeframe_and_session_rec_tuning_file(tmp_path):
+    views = (DATASETS / "diginetica" / "sample_train-item-views.csv").read_text().splitlines()[:200]
+    views.insert(30, "7;NA;81766;-5;2016-05-09")                          # line 31
+    (tmp_path / "train-item-views.csv").write_text("\n".join(views) + "\n")
+    stats = prepare("diginetica", tmp_path / "train-item-views.csv", tmp_path / "out-digi")
+    assert malformed(stats)[1] == [("train-item-views.csv", 31, "bad_timeframe")] and stats["events"] == 199
+    source = DATASETS / "yoochoose-100k"
+    sr = tmp_path / "sr"
+    sr.mkdir()
+    for suffix, keep in (("_train_full.txt", 301), ("_test.txt", 51), ("_train_tr.txt", 201), ("_train_valid.txt", 51)):
+        lines = (source / f"yoochoose-clicks-100k{suffix}").read_text().splitlines()[:keep]
+        if suffix == "_train_tr.txt":
+            lines.insert(10, "x\t214536502\t1396839069.277")              # line 11
+        (sr / f"x{suffix}").write_text("\n".join(lines) + "\n")
+    stats = prepare("yoochoose", sr, tmp_path / "out-sr")
+    assert malformed(stats)[1] == [("x_train_tr.txt", 11, "bad_SessionId")] and stats["events"] == 350

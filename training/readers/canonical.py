@@ -11,9 +11,12 @@ ISO-8601 strings (parse_timestamp), prices must be finite and >= 0. A row that b
 these rules (or a blank line, a CSV line with too many/few fields, a JSON line that does
 not parse) is left out and reported with its line number (row number for Parquet);
 a missing required column or an unreadable file stops with a ClickscoreError. In JSON
-lines, the first line names the columns.
+lines, the keys of the first 20 non-blank lines name the columns. A CSV line with an
+unbalanced quote is blanked before parsing (`unbalanced_quote`), so it cannot swallow
+the lines after it.
 A `split` column (train|valid|test, one value per session) is returned as the
-published split; a column of nulls only means "no split".
+published split; a column of nulls only means "no split"; in a filled one, a row
+without a valid split is a malformed row (`bad_split`).
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from stream.errors import ClickscoreError
 from stream.events import (
     MAX_ID_CHARS, MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS, InvalidEvent, normalise_event_type, parse_timestamp)
 from training.readers.common import (
-    CANONICAL_SCHEMA, canonical, first_line, folder_of, json_lines, raw_rows, report_malformed, require_rows)
+    CANONICAL_SCHEMA, canonical, first_line, folder_of, head_lines, json_lines, raw_rows, report_malformed,
+    require_rows)
 
 DATASET = "canonical"
 REQUIRED = ("session_id", "event_type", "item_id", "timestamp")
@@ -47,15 +51,21 @@ def _load(path: Path, notes: dict | None) -> pl.DataFrame:
             # Everything as text: ids must not become floats, and the checks below
             # report bad values instead of a parser error.
             names = [n.strip().strip('"') for n in first_line(path).split(",")]
-            return raw_rows(path, names, quote_char='"').collect()
+            try:
+                return raw_rows(path, names, quote_char='"').collect()
+            except pl.exceptions.ComputeError:
+                return _csv_without_unbalanced_quotes(path, names)
         if suffix in (".jsonl", ".ndjson", ".json"):
             # Values as text, checked below like CSV ones; which columns the file has
             # is read from its first line.
-            head = first_line(path)
-            try:
-                names = list(json.loads(head)) if head.strip() else []
-            except (ValueError, TypeError):
-                names = []
+            names: list[str] = []
+            for line in head_lines(path):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue        # reported with its line number by json_lines
+                if isinstance(record, dict):
+                    names += [name for name in record if name not in names]
             known = [*REQUIRED, *OPTIONAL]
             dtype = pl.Struct({n: pl.String for n in dict.fromkeys([*known, *names])})
             frame = json_lines(path, dtype, notes).with_columns(
@@ -64,6 +74,22 @@ def _load(path: Path, notes: dict | None) -> pl.DataFrame:
     except pl.exceptions.PolarsError as exc:
         raise ClickscoreError(f"{path}: cannot read as {suffix[1:]} ({str(exc).splitlines()[0]})") from None
     raise ClickscoreError(f"--dataset canonical: {path} must be .csv, .parquet or .jsonl")
+
+
+def _csv_without_unbalanced_quotes(path: Path, names: list[str]) -> pl.DataFrame:
+    """A CSV the quote-aware parser rejects: its lines with an odd number of `"` (a stray
+    quote, or a quoted field spanning lines) are blanked, so the other lines keep their
+    numbers, parsed, and reported as `unbalanced_quote`."""
+    lines = pl.read_csv(path, has_header=False, separator="\x1f", quote_char=None, encoding="utf8-lossy",
+                        schema={"_text": pl.String}, truncate_ragged_lines=True)["_text"].fill_null("")
+    odd = (lines.str.count_matches('"', literal=True) % 2 == 1).rename("_odd")
+    cleaned = pl.select(pl.when(pl.lit(odd)).then(pl.lit("")).otherwise(pl.lit(lines)))["literal"]
+    source = (cleaned.str.join("\n").item() + "\n").encode()
+    frame = raw_rows(path, names, quote_char='"', source=source).collect()
+    flags = pl.DataFrame({"_line": pl.Series(range(1, len(odd) + 1), dtype=pl.UInt32), "_odd": odd})
+    return frame.join(flags, on="_line", how="left", maintain_order="left").with_columns(
+        pl.when(pl.col("_odd")).then(pl.lit("unbalanced_quote")).otherwise(pl.col("_reason")).alias("_reason")
+    ).drop("_odd")
 
 
 class RowProblems:
@@ -191,6 +217,11 @@ def read(input_path: str | Path, notes: dict | None = None) -> tuple[pl.DataFram
                                _timestamps(frame, problems).alias("timestamp"))
     if "price" in frame.columns:
         frame = frame.with_columns(_prices(frame, problems).alias("price"))
+    if "split" in frame.columns:
+        split = frame["split"].cast(pl.String).str.strip_chars().replace("", None)
+        if split.null_count() < frame.height:    # a filled split column: every row needs one
+            problems.mark(split.is_null() | ~split.is_in(list(SPLITS)), "bad_split")
+        frame = frame.with_columns(split.alias("split"))
     frame = frame.with_columns(problems.reasons)
     bad = frame.filter(pl.col("_reason").is_not_null())
     if bad.height:

@@ -7,6 +7,7 @@ ClickscoreError with a sentence that says what to fix.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Iterable
@@ -135,10 +136,36 @@ def require_rows(frame: pl.DataFrame, path: Path | str, dataset: str) -> pl.Data
 # notes["malformed_rows"] (stats.json) and on stderr.
 
 MALFORMED_SHOWN = 20
+# What a byte that is not UTF-8 reads as (files are decoded leniently, then such rows reported).
+REPLACEMENT = "\ufffd"
+LAYOUT_SAMPLE_LINES = 20
+
+
+def head_lines(path: Path, count: int = LAYOUT_SAMPLE_LINES) -> list[str]:
+    """The first `count` non-blank lines of a text file (a layout check looks at several,
+    so that one malformed first row is reported as such instead of failing the file)."""
+    lines: list[str] = []
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace", newline="") as handle:
+            for text in handle:
+                text = text.rstrip("\r\n").lstrip("\ufeff")
+                if text.strip():
+                    lines.append(text)
+                if len(lines) >= count:
+                    break
+    except OSError as exc:
+        raise ClickscoreError(f"cannot read {path}: {exc.strerror}") from None
+    return lines
+
+
+def looks_like(path: Path, matches) -> bool:
+    """True when most of the file's first non-blank lines satisfy `matches(line)`."""
+    lines = head_lines(path)
+    return bool(lines) and sum(1 for line in lines if matches(line)) * 2 > len(lines)
 
 
 def raw_rows(path: Path, names: Iterable[str], *, separator: str = ",", header: bool = True,
-             quote_char: str | None = None) -> pl.LazyFrame:
+             quote_char: str | None = None, source: bytes | None = None) -> pl.LazyFrame:
     """The fields of a delimited text file as strings, with `_line` (1-based line number)
     and `_reason`, the structural problem of the row or null: `blank_line`,
     `too_many_fields`. Empty and absent fields are null.
@@ -146,10 +173,13 @@ def raw_rows(path: Path, names: Iterable[str], *, separator: str = ",", header: 
     `quote_char` None (the public layouts, which never quote) makes every line one row,
     so `_line` is exact and a stray quote cannot swallow the lines after it; with
     quoting, a quoted field that spans lines shifts the numbers of the lines after it.
+    Bytes that are not UTF-8 make their row `bad_encoding` (not the whole file unreadable).
+    `source`, when given, is the file's content to parse instead of reading `path`.
     """
     names = list(names)
     raw = pl.scan_csv(
-        path, has_header=False, skip_rows=1 if header else 0, separator=separator, quote_char=quote_char,
+        io.BytesIO(source) if source is not None else path, has_header=False, skip_rows=1 if header else 0,
+        separator=separator, quote_char=quote_char, encoding="utf8-lossy",
         schema={**{n: pl.String for n in names}, "_extra": pl.String}, missing_columns="insert",
         truncate_ragged_lines=True,
     ).with_row_index("_line", offset=2 if header else 1)
@@ -158,6 +188,8 @@ def raw_rows(path: Path, names: Iterable[str], *, separator: str = ",", header: 
     blank = pl.all_horizontal([pl.col(n).is_null() for n in names]) & pl.col("_extra").is_null()
     reason = (pl.when(blank).then(pl.lit("blank_line"))
               .when(pl.col("_extra").is_not_null()).then(pl.lit("too_many_fields"))
+              .when(pl.any_horizontal([pl.col(n).str.contains(REPLACEMENT, literal=True) for n in names]))
+              .then(pl.lit("bad_encoding"))
               .otherwise(None))
     return raw.with_columns(reason.alias("_reason")).with_columns(
         [pl.when(pl.col(n).str.strip_chars() == "").then(None).otherwise(pl.col(n)).alias(n) for n in names]
@@ -213,7 +245,7 @@ def json_lines(path: Path, dtype: pl.Struct, notes: dict | None) -> pl.DataFrame
     its bad lines, so a clean file is never looked at line by line in Python.
     """
     try:
-        texts = pl.read_csv(path, has_header=False, separator="\x1f", quote_char=None,
+        texts = pl.read_csv(path, has_header=False, separator="\x1f", quote_char=None, encoding="utf8-lossy",
                             schema={"_text": pl.String}, truncate_ragged_lines=True)["_text"]
     except OSError as exc:
         raise ClickscoreError(f"cannot read {path}: {exc}") from None
@@ -249,6 +281,7 @@ def json_lines(path: Path, dtype: pl.Struct, notes: dict | None) -> pl.DataFrame
     values = pl.concat(decoded) if decoded else pl.Series("_value", [], dtype=dtype)
     frame = pl.DataFrame({"_value": values}).with_row_index("_line", offset=1).with_columns(
         pl.when(pl.lit(blank)).then(pl.lit("blank_line"))
+        .when(pl.lit(texts.str.contains(REPLACEMENT, literal=True))).then(pl.lit("bad_encoding"))
         .when(pl.col("_value").is_null()).then(pl.lit("not_an_object")).otherwise(None).alias("_reason"))
     if bad:
         marks = pl.DataFrame(bad, schema={"_line": pl.UInt32, "_bad": pl.String}, orient="row")

@@ -53,7 +53,8 @@ def read(input_path: str | Path, notes: dict | None = None) -> pl.DataFrame:
     folder, given = folder_of(input_path)
     views_path = given if given is not None and given.name in VIEW_FILES else find_file(folder, VIEW_FILES, DATASET)
     check_header(views_path, VIEW_COLUMNS, separator=";", dataset=DATASET)
-    date_ok = {"bad_eventdate": pl.col("eventdate").str.to_date("%Y-%m-%d", strict=False).is_not_null()}
+    date_ok = {"bad_eventdate": pl.col("eventdate").str.to_date("%Y-%m-%d", strict=False).is_not_null(),
+               "bad_timeframe": pl.col("timeframe") >= 0}
     views = scan_rows(views_path, {
         "session_id": pl.Int64(), "user_id": pl.String(), "item_id": pl.Int64(),
         "timeframe": pl.Int64(), "eventdate": pl.String()}, separator=";",

@@ -21,7 +21,8 @@ from pathlib import Path
 import polars as pl
 
 from stream.errors import ClickscoreError
-from training.readers.common import canonical, first_line, folder_of, json_lines, report_malformed, require_rows
+from training.readers.common import (
+    canonical, first_line, folder_of, json_lines, looks_like, report_malformed, require_rows)
 
 DATASET = "otto"
 EVENT_TYPES = {"clicks": "view", "carts": "addtocart", "orders": "transaction"}
@@ -44,7 +45,8 @@ def read(input_path: str | Path, notes: dict | None = None) -> pl.DataFrame:
     """OTTO JSON lines -> canonical events (sessions and events in file order)."""
     path = _input_file(input_path)
     head = first_line(path)
-    if not (head.startswith("{") and '"session"' in head and '"events"' in head):
+    # Most of the first lines, not just the first: one bad first line is a malformed row.
+    if not looks_like(path, lambda line: line.lstrip().startswith("{") and '"session"' in line and '"events"' in line):
         raise ClickscoreError(f"{path} does not look like OTTO JSON lines "
                               '({"session": ..., "events": [{"aid", "ts", "type"}]}); '
                               f"first line is {head[:80]!r}")

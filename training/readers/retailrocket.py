@@ -80,7 +80,8 @@ def check_category_tree(folder: Path, categories: pl.LazyFrame | None, notes: di
     if not tree.is_file() or categories is None:
         return
     check_header(tree, ("categoryid", "parentid"), dataset=DATASET)
-    known = pl.read_csv(tree, schema_overrides={"categoryid": pl.String, "parentid": pl.String})["categoryid"]
+    known = scan_rows(tree, {"categoryid": pl.String(), "parentid": pl.String()}, required=("categoryid",),
+                      notes=notes).select("categoryid").collect()["categoryid"]
     missing = categories.filter(~pl.col("category_id").is_in(known.implode())).select(pl.len()).collect().item()
     if notes is not None:
         notes["items_with_category_missing_from_tree"] = int(missing)

@@ -23,7 +23,8 @@ from pathlib import Path
 import polars as pl
 
 from stream.errors import ClickscoreError
-from training.readers.common import canonical, count_dropped, first_line, folder_of, require_rows, scan_rows
+from training.readers.common import (
+    canonical, count_dropped, first_line, folder_of, looks_like, require_rows, scan_rows)
 from training.sessionize import sessionize
 
 DATASET = "taobao"
@@ -46,9 +47,14 @@ def _input_file(input_path: str | Path) -> Path:
     return candidates[0]
 
 
+def _fits(line: str) -> bool:
+    fields = line.split(",")
+    return len(fields) == 5 and fields[3] in (*BEHAVIOURS, *DROPPED_BEHAVIOURS) and fields[4].isdigit()
+
+
 def _check(path: Path) -> None:
-    fields = first_line(path).split(",")
-    if len(fields) != 5 or fields[3] not in {**BEHAVIOURS, "fav": None} or not fields[4].isdigit():
+    # Most of the first lines, not just the first: one bad first row is a malformed row.
+    if not looks_like(path, _fits):
         raise ClickscoreError(
             f"{path} does not look like Taobao UserBehavior.csv: expected 5 comma-separated fields without "
             f"header (user_id,item_id,category_id,behavior_type pv|cart|fav|buy,unix seconds), "

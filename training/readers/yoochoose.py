@@ -29,7 +29,8 @@ from pathlib import Path
 import polars as pl
 
 from stream.errors import ClickscoreError
-from training.readers.common import canonical, first_line, folder_of, guess_dataset, require_rows, scan_rows
+from training.readers.common import (
+    canonical, first_line, folder_of, guess_dataset, looks_like, require_rows, scan_rows)
 
 DATASET = "yoochoose"
 CLICK_COLUMNS = ("session", "time", "item", "category")
@@ -39,8 +40,12 @@ ISO_FORMAT = "%Y-%m-%dT%H:%M:%S%.fZ"
 
 
 def _check_raw(path: Path, columns: tuple[str, ...]) -> None:
-    fields = first_line(path).split(",")
-    if len(fields) != len(columns) or "T" not in fields[1]:
+    def fits(line: str) -> bool:
+        fields = line.split(",")
+        return len(fields) == len(columns) and "T" in fields[1]
+
+    # Most of the first lines, not just the first: one bad first row is a malformed row.
+    if not looks_like(path, fits):
         raise ClickscoreError(
             f"{path} does not look like a raw YOOCHOOSE file: expected {len(columns)} comma-separated "
             f"fields without header ({','.join(columns)}, time like 2014-04-07T10:51:09.277Z), "
@@ -149,7 +154,7 @@ def read_prepared(folder: Path, prefix: str, notes: dict | None = None) -> tuple
                               "these files do not form a split")
     has_tuning = paths["_train_tr.txt"].is_file() and paths["_train_valid.txt"].is_file()
     if has_tuning:
-        train_sessions = _scan_prepared(paths["_train_tr.txt"], None).select(pl.col("SessionId").unique()).collect()
+        train_sessions = _scan_prepared(paths["_train_tr.txt"], notes).select(pl.col("SessionId").unique()).collect()
         full_split = pl.DataFrame({"SessionId": full_sessions}).with_columns(
             pl.when(pl.col("SessionId").is_in(train_sessions["SessionId"].implode()))
             .then(pl.lit("train")).otherwise(pl.lit("valid")).alias("split"))
