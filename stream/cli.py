@@ -91,6 +91,10 @@ def _train(p: argparse.ArgumentParser) -> None:
     add_env_option(p, "--dropout", "CLICKSCORE_TRAIN_DROPOUT", type=float, default=0.1, help="dropout")
     add_env_option(p, "--min-item-count", "CLICKSCORE_TRAIN_MIN_ITEM_COUNT", type=int, default=1,
                    help="items seen fewer times in train map to out-of-vocabulary")
+    add_env_option(p, "--fit-on", "CLICKSCORE_TRAIN_FIT_ON", choices=("train", "train+valid"), default="train",
+                   help="splits to fit vocabularies and weights on; train+valid (like the baselines) has "
+                        "no held-out data: no early stopping, exactly --epochs epochs, so take --epochs "
+                        "from the best epoch of an early-stopped --fit-on train run")
     add_env_option(p, "--max-valid-windows", "CLICKSCORE_TRAIN_MAX_VALID_WINDOWS", type=int, default=20000,
                    help="validate on at most this many windows (a fixed random subset)")
 

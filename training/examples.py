@@ -20,6 +20,7 @@ number of events, not in events x W.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +56,10 @@ def read_events(data_dir: str | Path) -> pl.DataFrame:
     return frame
 
 
-def split_frame(frame: pl.DataFrame, split: str) -> pl.DataFrame:
-    part = frame.filter(pl.col("split") == split)
+def split_frame(frame: pl.DataFrame, split: str | Sequence[str]) -> pl.DataFrame:
+    """Rows of one split, or of several (e.g. ("train", "valid")) in the file's order."""
+    splits = [split] if isinstance(split, str) else list(split)
+    part = frame.filter(pl.col("split").is_in(splits))
     # Contract: rows grouped by session, then by time. Check rather than trust.
     runs = part["session_id"].rle_id().max()
     if part.height and runs + 1 != part["session_id"].n_unique():
@@ -71,9 +74,14 @@ def _gaps_seconds(part: pl.DataFrame) -> np.ndarray:
     ).to_series().to_numpy()
 
 
-def fit_artefacts(frame: pl.DataFrame, min_item_count: int = 1) -> FeatureArtefacts:
-    """Vocabularies and statistics from the TRAIN split only (validation/test stay unseen)."""
-    train = split_frame(frame, "train")
+def fit_artefacts(frame: pl.DataFrame, min_item_count: int = 1,
+                  splits: Sequence[str] = ("train",)) -> FeatureArtefacts:
+    """Vocabularies and statistics from the TRAIN split only (validation/test stay unseen),
+    or from train+valid with splits=("train", "valid") (`clickscore train --fit-on
+    train+valid`, the data the baselines fit on); never from test."""
+    if "train" not in splits or "test" in splits:
+        raise ClickscoreError(f"fit_artefacts: splits must include train and exclude test, got {splits}")
+    train = split_frame(frame, splits)
     if train.height == 0:
         raise ClickscoreError("the prepared data has no train split")
     return FeatureArtefacts.fit(
@@ -140,7 +148,8 @@ class Examples:
         return pos, neg
 
 
-def build_examples(frame: pl.DataFrame, split: str, artefacts: FeatureArtefacts) -> Examples:
+def build_examples(frame: pl.DataFrame, split: str | Sequence[str], artefacts: FeatureArtefacts) -> Examples:
+    """Windows of one split, or of several splits' sessions together (train+valid)."""
     part = split_frame(frame, split)
     W = artefacts.window
     event_types = part["event_type"].replace_strict(EVENT_TYPES, return_dtype=pl.UInt8).to_numpy()

@@ -20,6 +20,16 @@ data). Validation loss was rejected: with --imbalance weight/oversample the trai
 loss is reweighted and its scale says little about ranking quality, which is what
 the marketing triggers and the recommendations use.
 
+Fitting on train+valid (--fit-on train+valid): the vocabularies/statistics and the
+training windows come from the train and valid splits together, the data the
+baselines in training/baselines.py are fitted on by default (session-rec's train_full
+on yoochoose). Nothing is held out, so there is no early stopping: exactly --epochs
+epochs are trained (--patience is ignored) and the last epoch is kept. Take --epochs
+from the best epoch of an early-stopped run with the default --fit-on train on the
+same data (train_log.json's best_epoch); the test split is never used for any choice.
+The per-epoch "valid" figures logged in this mode are computed on sessions the model
+trains on, so they are only a training-fit diagnostic, not a held-out score.
+
 Class imbalance (--imbalance) acts on the buy head only unless it resamples:
 - weight: BCE pos_weight = negative/positive buy positions in train;
 - undersample: each epoch the buy loss of a random share of non-buying windows is
@@ -93,6 +103,7 @@ PARITY_FILE = "parity_inputs.npz"
 MODEL_INPUTS = INPUT_NAMES[:-1]   # the 9 (B, W) inputs; `length` is the export wrapper's
 PARITY_WINDOWS = 300
 TOP_K = 20
+FIT_ON = {"train": ("train",), "train+valid": ("train", "valid")}   # --fit-on -> splits trained on
 
 
 def choose_device(requested: str) -> torch.device:
@@ -217,8 +228,16 @@ def train(args: argparse.Namespace) -> dict:
     frame = read_events(data)
     stats_path = data / "stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-    artefacts = fit_artefacts(frame, args.min_item_count)
-    train_ex = build_examples(frame, "train", artefacts)
+    fit_on = getattr(args, "fit_on", "train") or "train"
+    if fit_on not in FIT_ON:
+        raise ClickscoreError(f"--fit-on must be one of {list(FIT_ON)}, got {fit_on!r}")
+    fit_splits = FIT_ON[fit_on]
+    held_out = fit_on == "train"
+    if not held_out and args.epochs < 1:
+        raise ClickscoreError("--fit-on train+valid needs --epochs N >= 1 (no early stopping without "
+                              "held-out data; take N from the best epoch of a --fit-on train run)")
+    artefacts = fit_artefacts(frame, args.min_item_count, splits=fit_splits)
+    train_ex = build_examples(frame, fit_splits, artefacts)
     valid_ex = build_examples(frame, "valid", artefacts)
     del frame
     if len(train_ex) == 0:
@@ -226,6 +245,10 @@ def train(args: argparse.Namespace) -> dict:
     if len(valid_ex) == 0:
         raise ClickscoreError(f"{data}: the valid split has no sessions (needed for early stopping "
                               "and parity inputs); re-run prepare with --valid-days")
+    if not held_out:
+        print(f"fit on {fit_on}: no held-out data, so no early stopping; training exactly "
+              f"{args.epochs} epochs and keeping the last (valid figures below are on training "
+              "sessions)", file=sys.stderr)
     if args.max_valid_windows and len(valid_ex) > args.max_valid_windows:
         keep = np.sort(np.random.default_rng(args.seed).choice(len(valid_ex), args.max_valid_windows,
                                                                  replace=False))
@@ -249,12 +272,12 @@ def train(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             model.heads.buy.bias.fill_(math.log(n_pos / n_neg))
     rng = np.random.default_rng(args.seed)
-    print(f"train: {train_ex.n_sessions:,} sessions, {len(train_ex):,} windows, buy positions "
+    print(f"train ({fit_on}): {train_ex.n_sessions:,} sessions, {len(train_ex):,} windows, buy positions "
           f"{n_pos:,} positive / {n_neg:,} negative; valid: {valid_ex.n_sessions:,} sessions; "
           f"{artefacts.n_items:,} item indices; {sum(p.numel() for p in model.parameters()):,} "
           f"parameters on {device}", file=sys.stderr)
 
-    log = {"epochs": [], "imbalance": args.imbalance, "pos_weight": float(pos_weight),
+    log = {"epochs": [], "fit_on": fit_on, "imbalance": args.imbalance, "pos_weight": float(pos_weight),
            "oversample": oversample, "keep_negative": keep_negative, "logit_shift": logit_shift,
            "buy_positions": {"positive": n_pos, "negative": n_neg}}
     best_score, best_state, best_epoch, best_valid, stale, step = -math.inf, None, 0, None, 0, 0
@@ -300,6 +323,8 @@ def train(args: argparse.Namespace) -> dict:
               f" R@20 {_fmt(valid['recall@20'])} MRR@20 {_fmt(valid['mrr@20'])}"
               f" ({entry['seconds']:.0f} s)", file=sys.stderr)
         score = valid["score"] if valid["score"] is not None else -entry["train_next_loss"]
+        if not held_out:   # nothing held out: the last epoch is the model
+            score = float(epoch)
         if score > best_score:
             best_score, best_epoch, best_valid, stale = score, epoch, valid, 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -315,10 +340,10 @@ def train(args: argparse.Namespace) -> dict:
     log.update(best_epoch=best_epoch, best_valid=best_valid, seconds=round(elapsed, 2), steps=step)
     train_info = {
         "args": {k: v for k, v in vars(args).items() if k not in ("command",)},
-        "seed": args.seed, "epochs": epochs_run, "best_epoch": best_epoch, "best_valid": best_valid,
+        "seed": args.seed, "fit_on": fit_on, "epochs": epochs_run, "best_epoch": best_epoch, "best_valid": best_valid,
         "dataset": stats.get("dataset"), "data": str(data), "data_stats": stats,
         "vocab_hash": artefacts.vocab_hash, "n_items": artefacts.n_items,
-        "train_windows": len(train_ex), "valid_windows": len(valid_ex), "steps": step,
+        "train_windows": len(train_ex), "train_sessions": train_ex.n_sessions, "valid_windows": len(valid_ex), "steps": step,
         "seconds": round(elapsed, 2), "device": str(device), "torch": str(torch.__version__),
         "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
