@@ -17,9 +17,7 @@ newer librdkafka.so.1 (for example the one bundled in the confluent-kafka wheel)
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -27,25 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from pathlib import Path
+
+from bench.record import append_result, machine
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_INPUT = REPO.parent / "shared" / "datasets" / "yoochoose-100k"
-
-
-def machine() -> dict:
-    model = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model or platform.processor(), "cores": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
-            "platform": platform.platform()}
 
 
 def free_port() -> int:
@@ -160,13 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
     }
     record["kcat_speedup"] = round(record["kcat_eps"] / record["clickscore_replay_eps"], 2)
-    print(json.dumps(record))
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    path = results / f"replay-{date.today().isoformat()}.json"
-    runs = json.loads(path.read_text()) if path.exists() else []
-    runs.append(record)
-    path.write_text(json.dumps(runs, indent=2) + "\n")
+    append_result("replay", record, Path(args.results))
     return 0
 
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -31,16 +29,16 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from bench.record import append_result, machine
 from bench.workerkit import CLICKSCORE, WorkerProcess, build_model, produce, read_topic
 from stream.broker import EmbeddedBroker, free_port
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 
 
 def simulated_events(n: int, workdir: Path, seed: int = 21) -> list[tuple[bytes, bytes, str]]:
@@ -136,19 +134,6 @@ def passthrough_main(broker: str, source: str, sink: str, web_port: int) -> None
     faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False).execute_from_commandline()
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform()}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.stream", description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=20000, help="events for the saturated runs")
@@ -242,12 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size, "batch_wait_s": args.batch_wait_s, "partitions": args.partitions,
         "model": str(model), "provider": provider, "machine": machine(),
     }
-    print(json.dumps(result))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"stream-{date.today().isoformat()}.json"
-    runs = json.loads(path.read_text()) if path.exists() else []
-    runs.append(result)
-    path.write_text(json.dumps(runs, indent=2) + "\n")
+    append_result("stream", result)
     return 0
 
 

@@ -44,7 +44,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from stream.errors import ClickscoreError
 from stream.events import ClickEvent, InvalidEvent, decode, parse_timestamp, validate
-from stream.settings import Settings, number, settings_from_args
+from stream.settings import Settings, settings_from_args
+from stream.settings import number as number_argument
 
 # How many malformed lines and failed sends the summary lists in full.
 EXAMPLES = 5
@@ -71,9 +72,9 @@ def parse_speed(text: str) -> float | None:
     return value
 
 
-parse_rate = number(float, strict=True, what="events per second")
-parse_gap = number(float, what="seconds")
-parse_count = number(int, what="a whole number")
+parse_rate = number_argument(float, strict=True, what="events per second")
+parse_gap = number_argument(float, what="seconds")
+parse_count = number_argument(int, what="a whole number")
 
 
 def parse_time(text: str) -> int:

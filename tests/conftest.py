@@ -73,3 +73,14 @@ def datasets() -> Path:
     if not DATASETS.is_dir():
         pytest.fail(f"real datasets expected in {DATASETS} (the shared/ folder beside the repo)")
     return DATASETS
+
+
+@pytest.fixture(scope="session")
+def yoochoose(tmp_path_factory, datasets) -> Path:
+    """yoochoose-100k prepared once per test session with the real `clickscore prepare`."""
+    from stream.cli import main
+
+    out = tmp_path_factory.mktemp("yoochoose")
+    assert main(["prepare", "--dataset", "yoochoose", "--input", str(datasets / "yoochoose-100k"),
+                 "--out", str(out)]) == 0
+    return out

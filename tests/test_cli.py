@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from stream.cli import COMMANDS, build_parser
 from stream.settings import Settings, env_name, settings_from_args

@@ -28,14 +28,6 @@ torch.set_num_threads(1)
 KINDS = ("gru", "dilated")
 
 
-@pytest.fixture(scope="module")
-def yoochoose(tmp_path_factory, datasets):
-    out = tmp_path_factory.mktemp("yoochoose")
-    assert main(["prepare", "--dataset", "yoochoose", "--input", str(datasets / "yoochoose-100k"),
-                 "--out", str(out)]) == 0
-    return out
-
-
 def train_argv(data, out, kind):
     return ["train", "--data", str(data), "--out", str(out), "--model", kind, "--seed", "3",
             "--max-steps", "5", "--epochs", "1", "--batch-size", "32", "--embedding-dim", "16",

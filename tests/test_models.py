@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 import torch
 
-from stream.cli import build_parser, main
+from stream.cli import build_parser
 from stream.features import ITEM_OOV, WINDOW, FeatureArtefacts
 from training.examples import IGNORE, build_examples, fit_artefacts, read_events
 from training.export import LastPositionScorer
@@ -161,14 +161,6 @@ def test_long_session_gets_one_window_per_later_event(tmp_path):
 
 
 # -- training on real prepared data ---------------------------------------------------
-
-@pytest.fixture(scope="module")
-def yoochoose(tmp_path_factory, datasets):
-    out = tmp_path_factory.mktemp("yoochoose")
-    assert main(["prepare", "--dataset", "yoochoose", "--input", str(datasets / "yoochoose-100k"),
-                 "--out", str(out)]) == 0
-    return out
-
 
 def train_args(data, out, kind="gru", seed=0, steps=4, extra=()):
     return build_parser().parse_args([

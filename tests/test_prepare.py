@@ -11,7 +11,7 @@ import csv
 import json
 import subprocess
 import sys
-from collections import defaultdict
+
 from pathlib import Path
 
 import polars as pl

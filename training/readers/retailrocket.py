@@ -24,7 +24,6 @@ from pathlib import Path
 
 import polars as pl
 
-from stream.errors import ClickscoreError
 from training.readers.common import canonical, check_header, find_file, folder_of, require_rows, scan_rows
 from training.sessionize import sessionize
 
