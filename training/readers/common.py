@@ -81,6 +81,18 @@ def folder_of(input_path: str | Path) -> tuple[Path, Path | None]:
     return path.parent, path
 
 
+def single_file(input_path: str | Path, pattern: str, dataset: str) -> Path:
+    """`--input` names the file, or a folder holding exactly one file matching `pattern`."""
+    folder, given = folder_of(input_path)
+    if given is not None:
+        return given
+    candidates = sorted(folder.glob(pattern))
+    if len(candidates) != 1:
+        raise ClickscoreError(f"--dataset {dataset}: expected one {pattern} in {folder}, found "
+                              f"{[p.name for p in candidates]}; point --input at the file")
+    return candidates[0]
+
+
 def find_file(folder: Path, names: Iterable[str], dataset: str, required: bool = True) -> Path | None:
     """The first of `names` present in `folder`, else None or a ClickscoreError."""
     names = list(names)

@@ -22,7 +22,7 @@ import polars as pl
 
 from stream.errors import ClickscoreError
 from training.readers.common import (
-    canonical, first_line, folder_of, json_lines, looks_like, report_malformed, require_rows)
+    canonical, first_line, json_lines, looks_like, report_malformed, require_rows, single_file)
 
 DATASET = "otto"
 EVENT_TYPES = {"clicks": "view", "carts": "addtocart", "orders": "transaction"}
@@ -30,20 +30,9 @@ SECONDS_BELOW = 10**11
 SCHEMA = {"session": pl.Int64, "events": pl.List(pl.Struct({"aid": pl.Int64, "ts": pl.Int64, "type": pl.String}))}
 
 
-def _input_file(input_path: str | Path) -> Path:
-    folder, given = folder_of(input_path)
-    if given is not None:
-        return given
-    candidates = sorted(folder.glob("*.jsonl"))
-    if len(candidates) != 1:
-        raise ClickscoreError(f"--dataset otto: expected one *.jsonl in {folder}, found "
-                              f"{[p.name for p in candidates]}; point --input at the file")
-    return candidates[0]
-
-
 def read(input_path: str | Path, notes: dict | None = None) -> pl.DataFrame:
     """OTTO JSON lines -> canonical events (sessions and events in file order)."""
-    path = _input_file(input_path)
+    path = single_file(input_path, "*.jsonl", DATASET)
     head = first_line(path)
     # Most of the first lines, not just the first: one bad first line is a malformed row.
     if not looks_like(path, lambda line: line.lstrip().startswith("{") and '"session"' in line and '"events"' in line):

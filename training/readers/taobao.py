@@ -24,7 +24,7 @@ import polars as pl
 
 from stream.errors import ClickscoreError
 from training.readers.common import (
-    canonical, count_dropped, first_line, folder_of, looks_like, require_rows, scan_rows)
+    canonical, count_dropped, first_line, looks_like, require_rows, scan_rows, single_file)
 from training.sessionize import sessionize
 
 DATASET = "taobao"
@@ -33,18 +33,6 @@ BEHAVIOURS = {"pv": "view", "cart": "addtocart", "buy": "transaction"}
 DROPPED_BEHAVIOURS = ("fav",)
 # [2017-11-25 00:00, 2017-12-04 00:00) UTC+8, in unix seconds.
 PERIOD_SECONDS = (1_511_539_200, 1_512_316_800)
-
-
-def _input_file(input_path: str | Path) -> Path:
-    folder, given = folder_of(input_path)
-    if given is not None:
-        return given
-    candidates = sorted(folder.glob("UserBehavior*.csv"))
-    if len(candidates) != 1:
-        raise ClickscoreError(
-            f"--dataset taobao: expected one UserBehavior*.csv in {folder}, found {[p.name for p in candidates]}; "
-            "point --input at the file")
-    return candidates[0]
 
 
 def _fits(line: str) -> bool:
@@ -63,7 +51,7 @@ def _check(path: Path) -> None:
 
 def read(input_path: str | Path, session_gap_minutes: float, notes: dict | None = None) -> pl.DataFrame:
     """UserBehavior.csv -> canonical events (original row order)."""
-    path = _input_file(input_path)
+    path = single_file(input_path, "UserBehavior*.csv", DATASET)
     _check(path)
     schema = {"user": pl.Int64(), "item": pl.Int64(), "category": pl.Int64(), "behavior": pl.String(),
               "time": pl.Int64()}
