@@ -1,0 +1,112 @@
+"""Coverage-guided fuzzing (atheris/libFuzzer) of the worker's input path:
+
+    raw bytes --(events.decode)--> ClickEvent | InvalidEvent
+    ClickEvent --(session_id.encode(): the message key)--> key
+    key, ClickEvent --(session_state.advance)--> SessionState (a small evolving table)
+    SessionState.window --(features.encode_windows)--> model inputs
+
+The contract checked on every input: nothing but InvalidEvent escapes decode, and an
+accepted event gives a key that encodes, a state that keeps its invariants and round
+trips through bytes, and model inputs that are finite and inside their embedding
+ranges. Anything else is a crash: libFuzzer writes the input to `crash-<sha1>` (see
+-artifact_prefix) and the run stops. Turn each one into a regression case in
+fuzz/regressions/ (tests/test_fuzz.py replays them).
+
+Run (the first folder collects new inputs, the others are read-only seeds):
+
+    .venv/bin/python fuzz/fuzz_events.py .fuzz-corpus fuzz/corpus -dict=fuzz/events.dict -max_total_time=300
+    make fuzz FUZZ_SECONDS=300
+
+`check_one(data)` is the same check without atheris, for replaying single inputs.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from stream.events import ClickEvent, InvalidEvent, decode
+from stream.features import (N_EVENT_TYPES, N_HOURS, N_MONTHS, N_WEEKDAYS, N_WEEKS, FeatureArtefacts,
+                             encode_windows)
+from stream.session_state import SessionState, advance, replay_view
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTEFACTS = FeatureArtefacts.load(ROOT / "onnx_models" / "default" / "features.json")
+TIMEOUT_MS = 30 * 60 * 1000
+MAX_SESSIONS = 256          # the evolving table is cleared past this, to keep runs fast
+
+_sessions: dict[bytes, SessionState] = {}
+_offset = 0
+
+# Exclusive upper bound of each categorical input (index 0 is padding).
+BOUNDS = {"event_type": N_EVENT_TYPES, "item": ARTEFACTS.n_items, "category": ARTEFACTS.n_categories,
+          "hour": N_HOURS, "weekday": N_WEEKDAYS, "month": N_MONTHS, "week": N_WEEKS}
+
+
+def check_inputs(inputs: dict[str, np.ndarray], length: int) -> None:
+    """Model inputs for one window: in range, padded with 0 after `length`, finite."""
+    W = ARTEFACTS.window
+    assert inputs["length"].tolist() == [length], (inputs["length"], length)
+    for name, bound in BOUNDS.items():
+        values = inputs[name]
+        assert values.shape == (1, W) and values.dtype == np.int64, (name, values.shape, values.dtype)
+        assert values.min() >= 0 and values.max() < bound, (name, values.min(), values.max(), bound)
+        assert (values[0, :length] >= 1).all(), f"{name}: padding index inside the window"
+        assert not values[0, length:].any(), f"{name}: non-zero padding"
+    for name in ("dwell", "price"):
+        values = inputs[name]
+        assert values.shape == (1, W) and values.dtype == np.float32, (name, values.shape, values.dtype)
+        assert np.isfinite(values).all(), f"{name}: non-finite input {values[~np.isfinite(values)][:3]}"
+
+
+def check_state(state: SessionState, offset: int) -> None:
+    n = len(state.window)
+    assert 1 <= n <= ARTEFACTS.window and len(state.offsets) == n, (n, len(state.offsets))
+    assert state.event_count >= n and (state.event_count == n or n == ARTEFACTS.window)
+    assert state.last_offset == offset
+    assert SessionState.from_bytes(state.to_bytes()).to_bytes() == state.to_bytes()
+    replay = replay_view(state, offset)
+    assert replay is not None and replay.window.tobytes() == state.window.tobytes()
+    check_inputs(encode_windows([state.window], ARTEFACTS), n)
+
+
+def check_one(data: bytes) -> ClickEvent | InvalidEvent:
+    """One message through the worker's input path; returns the event or the rejection."""
+    global _offset
+    try:
+        event = decode(data)
+    except InvalidEvent as exc:
+        assert exc.reason and exc.reason.isidentifier(), exc.reason
+        return exc
+    # The worker keys its table and checks the message key with this: it must encode.
+    key = event.session_id.encode()
+    assert key.decode() == event.session_id
+    assert decode(event.to_json()) == event, "accepted event does not round-trip"
+    _offset += 1
+    if len(_sessions) >= MAX_SESSIONS:
+        _sessions.clear()
+    state = advance(_sessions.get(key), event, ARTEFACTS, 0, _offset, TIMEOUT_MS)
+    _sessions[key] = state
+    check_state(state, _offset)
+    return event
+
+
+def test_one_input(data: bytes) -> None:
+    # numpy's overflow/invalid warnings (a price cast to float32 as inf, ...) are bugs here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(all="raise"):
+            check_one(data)
+
+
+def main(argv: list[str]) -> None:
+    import atheris
+    atheris.instrument_all()   # the stream modules are already imported: instrument them in place
+    atheris.Setup(argv, test_one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
