@@ -21,11 +21,19 @@ Run (the first folder collects new inputs, the others are read-only seeds):
 """
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+if __name__ == "__main__":
+    # Instrument only our own modules (numpy's would slow start-up and dilute coverage):
+    # they must be first imported inside this block.
+    import atheris
+    with atheris.instrument_imports(include=["stream"]):
+        import stream.events, stream.features, stream.session_state  # noqa: E401,F401
 
 from stream.events import ClickEvent, InvalidEvent, decode
 from stream.features import (N_EVENT_TYPES, N_HOURS, N_MONTHS, N_WEEKDAYS, N_WEEKS, FeatureArtefacts,
@@ -72,8 +80,70 @@ def check_state(state: SessionState, offset: int) -> None:
     check_inputs(encode_windows([state.window], ARTEFACTS), n)
 
 
+FIELDS = ("session_id", "event_type", "item_id", "timestamp", "category_id", "price", "user_id",
+          "event_id", "extra")
+BASE = {"session_id": "s1", "event_type": "view", "item_id": "1877", "category_id": "3", "price": 12.5,
+        "timestamp": 1396860669277, "user_id": "u9", "event_id": "e-1"}
+
+
+def structured_message(data: bytes) -> bytes:
+    """A valid event with a few fields replaced by hostile values chosen by the fuzz bytes:
+    byte-level mutation alone rarely keeps a message JSON while putting, say, a lone
+    surrogate or a 300-digit number into a field that is read."""
+    import atheris
+    fdp = atheris.FuzzedDataProvider(data)
+    fields: dict = dict(BASE)
+    for _ in range(fdp.ConsumeIntInRange(1, 4)):
+        name = FIELDS[fdp.ConsumeIntInRange(0, len(FIELDS) - 1)]
+        kind = fdp.ConsumeIntInRange(0, 10)
+        if kind == 0:
+            fields.pop(name, None)
+        elif kind == 1:
+            fields[name] = fdp.ConsumeUnicode(fdp.ConsumeIntInRange(0, 300))   # any code point, surrogates too
+        elif kind == 2:
+            fields[name] = fdp.ConsumeInt(fdp.ConsumeIntInRange(1, 140))        # up to ~340 digits
+        elif kind == 3:
+            fields[name] = fdp.ConsumeFloat()                                   # NaN, inf, -0.0, subnormals
+        elif kind == 4:
+            fields[name] = fdp.ConsumeBool()
+        elif kind == 5:
+            fields[name] = None
+        elif kind == 6:
+            value: object = fdp.ConsumeIntInRange(0, 9)
+            for _ in range(fdp.ConsumeIntInRange(1, 1200)):
+                value = [value] if fdp.ConsumeBool() else {"k": value}
+            fields[name] = value
+        elif kind == 7:
+            fields[name] = "".join(str(d) for d in fdp.ConsumeIntListInRange(fdp.ConsumeIntInRange(1, 40), 0, 9))
+        elif kind == 8:     # ISO-8601-like text with fuzzed parts
+            fields[name] = "%04d-%02d-%02dT%02d:%02d:%02d%s" % (
+                fdp.ConsumeIntInRange(0, 10000), fdp.ConsumeIntInRange(0, 13), fdp.ConsumeIntInRange(0, 32),
+                fdp.ConsumeIntInRange(0, 25), fdp.ConsumeIntInRange(0, 61), fdp.ConsumeIntInRange(0, 61),
+                fdp.ConsumeUnicodeNoSurrogates(8))
+        elif kind == 9:
+            fields[name] = fdp.ConsumeIntInRange(-2**63, 2**63)
+        else:
+            fields[name] = fdp.ConsumeFloatInRange(-1e40, 1e40)
+    try:
+        text = json.dumps(fields, ensure_ascii=fdp.ConsumeBool())
+    except (RecursionError, ValueError):     # too deep for json.dumps itself
+        return b"[" * 2000
+    # ensure_ascii=False with a surrogate gives bytes that are not UTF-8, as a broken client would.
+    return text.encode("utf-8", "surrogatepass")
+
+
+def message_from_input(data: bytes) -> bytes:
+    """Fuzz input -> message value: a leading NUL byte selects a structured message,
+    anything else is the message itself (so corpus files are plain messages)."""
+    return structured_message(data[1:]) if data[:1] == b"\x00" else data
+
+
 def check_one(data: bytes) -> ClickEvent | InvalidEvent:
-    """One message through the worker's input path; returns the event or the rejection."""
+    """One fuzz input through the worker's input path; returns the event or the rejection."""
+    return check_message(message_from_input(data))
+
+
+def check_message(data: bytes) -> ClickEvent | InvalidEvent:
     global _offset
     try:
         event = decode(data)
@@ -103,7 +173,6 @@ def test_one_input(data: bytes) -> None:
 
 def main(argv: list[str]) -> None:
     import atheris
-    atheris.instrument_all()   # the stream modules are already imported: instrument them in place
     atheris.Setup(argv, test_one_input)
     atheris.Fuzz()
 
