@@ -12,10 +12,16 @@ ranges. Anything else is a crash: libFuzzer writes the input to `crash-<sha1>` (
 -artifact_prefix) and the run stops. Turn each one into a regression case in
 fuzz/regressions/ (tests/test_fuzz.py replays them).
 
+A fuzz input that starts with a NUL byte is not sent as is: `structured_message` builds
+a valid event from the rest and puts hostile values (any code point, lone surrogates,
+300-digit integers, NaN, deep nesting, odd ISO strings) into a few of its fields, so
+the deeper stages see far more than byte mutation of JSON would give them. Any other
+input is the message value itself.
+
 Run (the first folder collects new inputs, the others are read-only seeds):
 
-    .venv/bin/python fuzz/fuzz_events.py .fuzz-corpus fuzz/corpus -dict=fuzz/events.dict -max_total_time=300
     make fuzz FUZZ_SECONDS=300
+    mkdir -p .fuzz-corpus && .venv/bin/python fuzz/fuzz_events.py .fuzz-corpus fuzz/corpus -dict=fuzz/events.dict -max_total_time=300
 
 `check_one(data)` is the same check without atheris, for replaying single inputs.
 """

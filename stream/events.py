@@ -155,9 +155,11 @@ def parse_timestamp(value: Any) -> int:
     else:
         raise InvalidEvent("wrong_type", f"timestamp must be epoch ms or ISO-8601, got {type(value).__name__}")
     if not MIN_TIMESTAMP_MS <= ms < MAX_TIMESTAMP_MS:
+        # str() of an int past 4,300 digits raises: name a huge one by its size.
+        shown = f"{ms} ms" if abs(ms) < _MAX_ID_INT else f"of {ms.bit_length()} bits"
         raise InvalidEvent(
             "timestamp_out_of_range",
-            f"timestamp {ms} ms is outside 2000-01-01..2100-01-01 (seconds sent as milliseconds?)",
+            f"timestamp {shown} is outside 2000-01-01..2100-01-01 (seconds sent as milliseconds?)",
         )
     return ms
 

@@ -115,6 +115,14 @@ def test_known_attacks_have_precise_reasons():
     for raw, reason in cases.items():
         result = accepts_or_rejects(raw)
         assert isinstance(result, InvalidEvent) and result.reason == reason, (raw[:60], result)
+    # Python-level callers (replay, readers) can pass ints json.loads never would.
+    for name, value, reason in [("timestamp", 10 ** 5000, "timestamp_out_of_range"),
+                                ("price", -(10 ** 5000), "bad_price"), ("session_id", -(10 ** 5000), "oversized_field")]:
+        try:
+            validate(dict(GOOD, **{name: value}))
+            raise AssertionError(f"{name}={value.bit_length()} bits accepted")
+        except InvalidEvent as exc:
+            assert exc.reason == reason, exc
     for value, reason in [(10 ** 5000, "oversized_field"), (2 ** 70, None)]:
         try:
             event = validate(dict(GOOD, item_id=value))
