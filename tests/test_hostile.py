@@ -5,6 +5,7 @@ The worker must stay up, score every valid event, and dead-letter everything els
 reason: scored + dead-lettered = produced, position by position."""
 from __future__ import annotations
 
+import base64
 import json
 import random
 import sys
@@ -170,3 +171,67 @@ def test_hostile_stream_every_message_accounted_for(broker, model_dir, tmp_path)
     assert "internal_error" not in reasons, reasons
     print(f"\n{len(stream)} messages ({N_HOSTILE} hostile) in {elapsed:.1f} s: "
           f"{len(item_values)} scored, {len(dlq_values)} dead-lettered: {dict(reasons.most_common())}")
+
+
+def poisoned_copy(model_dir: Path, out: Path, price_above: float) -> Path:
+    """The same model, except that its buy probability is NaN for any window holding an
+    event whose normalised price feature exceeds `price_above`: a real ONNX graph that
+    fails on some inputs, as a corrupt or badly exported model would."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    shutil.copytree(model_dir, out)
+    model = onnx.load(out / "model.onnx")
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["buy_probability_clean" if o == "buy_probability" else o for o in node.output]
+    graph.node.extend([
+        helper.make_node("ReduceMax", ["price"], ["max_price"], axes=[1], keepdims=0),
+        helper.make_node("Constant", [], ["threshold"], value=helper.make_tensor("t", TensorProto.FLOAT, [], [price_above])),
+        helper.make_node("Constant", [], ["nan"], value=helper.make_tensor("n", TensorProto.FLOAT, [], [float("nan")])),
+        helper.make_node("Greater", ["max_price", "threshold"], ["poisoned"]),
+        helper.make_node("Where", ["poisoned", "nan", "buy_probability_clean"], ["buy_probability"]),
+    ])
+    onnx.checker.check_model(model)
+    onnx.save(model, out / "model.onnx")
+    return out
+
+
+def test_model_faults_dead_letter_only_the_events_that_cause_them(broker, model_dir, tmp_path):
+    """A model that returns NaN for some windows: those events are dead-lettered as
+    scoring_failed, every other event of the same batches is scored as the clean model
+    scores it, and the worker stays up."""
+    from stream.scoring import ModelScorer
+
+    bad_model = poisoned_copy(model_dir, tmp_path / "poisoned", price_above=10.0)
+    clean = ModelScorer(model_dir, provider="cpu", threads=1)
+    rng = random.Random(7)
+    run = uuid.uuid4().hex[:8]
+    t = {name: f"fault-{name}-{run}" for name in ("input", "scores", "next_items", "dlq", "triggers")}
+    events = []
+    for i in range(600):
+        e = valid_event(rng, i)
+        e["session_id"] = f"p{i}"                     # one event per session: windows of one
+        if i % 50 == 7:
+            e["price"] = 1e11                         # normalised log price far above 10
+        events.append(e)
+    poisoned_ids = {e["event_id"] for e in events if e["price"] == 1e11}
+    with WorkerProcess(broker, bad_model, t, f"fault-{run}", tmp_path / "worker.log", free_port(),
+                       ["--batch-size", "128", "--top-k", "5"]) as worker:
+        produce(broker, t["input"], [(e["session_id"].encode(), json.dumps(e).encode()) for e in events])
+        items = values(read_topic(broker, t["next_items"], lambda r: len(r) >= len(events) - len(poisoned_ids)))
+        dlq = values(read_topic(broker, t["dlq"], lambda r: len(r) >= len(poisoned_ids), timeout=60))
+        scores = values(read_topic(broker, t["scores"], lambda r: len(r) >= len(items), timeout=60))
+        assert worker.proc.poll() is None, worker.log()[-3000:]
+    assert {json.loads(base64.b64decode(d["original_b64"]))["event_id"] for d in dlq} == poisoned_ids
+    assert {d["reason"] for d in dlq} == {"scoring_failed"}
+    assert {v["event_id"] for v in items} == {e["event_id"] for e in events} - poisoned_ids
+    from stream.features import append_event, empty_window
+    from stream.events import validate
+    by_id = {e["event_id"]: e for e in events}
+    windows = [append_event(empty_window(), validate(by_id[v["event_id"]]), clean.artefacts) for v in scores]
+    expected = clean.score(windows, 5).buy_probability
+    got = [v["buy_probability"] for v in scores]
+    assert max(abs(a - b) for a, b in zip(got, expected)) <= 1e-5
