@@ -13,6 +13,11 @@ the batch logic is plain code in stream/pipeline.py, this module only wires it t
     (every valid event), triggers (with --rules, table `trigger-state`), dead letters
     outputs --(deliver: every delivery report checked, failures re-sent)--> ack -> commit
 
+Batches are pipelined (`begin` -> inference thread -> `complete`): batch N+1 is decoded
+and its state advanced while batch N is scored and batch N-1's outputs are delivered;
+one inference thread scores batches in the order begun and one task delivers and acks
+them in that order, so a session's events keep their order end to end.
+
 Decisions a reader needs:
 - Input is consumed as raw bytes so this worker, not Faust's codec, decides what is
   valid; every failure goes to the dead-letter topic with its reason, and the worker
@@ -110,6 +115,17 @@ def ensure_topics(settings: Settings) -> int:
 SEND_ATTEMPTS = 5             # rounds of re-sending outputs whose delivery failed
 SEND_BACKOFF_S = 0.5          # wait after the first failed round, doubled after each
 EXIT_DELIVERY_FAILED = 75     # EX_TEMPFAIL: outputs undeliverable; a restart re-reads uncommitted input
+PIPELINE_DEPTH = 2            # batches decoded ahead of the one whose outputs are being sent
+
+
+@dataclass
+class InFlight:
+    """A batch between its state update and the delivery of its outputs."""
+    events: Sequence[Any]                 # Faust events, acked after delivery
+    records: list                         # pipeline.Record per event
+    batch: Any                            # pipeline.Batch
+    scoring: "asyncio.Future"             # -> (pipeline.Scores, inference seconds)
+    started: float                        # perf_counter when the batch was begun
 
 
 def _write_in_event_context(event: Any, write, *args) -> None:
@@ -211,7 +227,9 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         return await app.producer.send(out.topic, out.key, out.value, partition=None, timestamp=None,
                                        headers=None)
 
-    async def process(events: Sequence[Any]) -> None:
+    def begin(events: Sequence[Any]) -> "InFlight":
+        """Stage 1, on the event loop: decode, key check, advance and write session state,
+        then hand the windows to the inference thread. Returns at once."""
         started = time.perf_counter()
         consumed.inc(len(events))
         worker.processed += len(events)
@@ -225,17 +243,25 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
             _write_in_event_context(events[index], sessions.__setitem__, key, value)
         for partition, watermark in batch.watermarks.items():
             worker.watermarks[partition] = max(worker.watermarks.get(partition, 0), watermark)
-        # [window] -> scores, off the event loop
-        scores = pipeline.score_isolated(scorer.score, [], settings.top_k)   # nothing to score
-        if batch.accepted:
-            t0 = time.perf_counter()
-            scores = await asyncio.get_running_loop().run_in_executor(
-                executor, pipeline.score_isolated, scorer.score, batch.windows, settings.top_k)
-            metrics.INFERENCE_SECONDS.observe(time.perf_counter() - t0)
-            metrics.BATCH_SIZE.observe(len(batch.accepted))
+        # [window] -> scores, off the event loop. One inference thread scores batches in
+        # the order they were begun, so a session's events are scored in order.
+        scoring = asyncio.get_running_loop().run_in_executor(executor, timed_score, batch.windows)
+        return InFlight(events, records, batch, scoring, started)
+
+    def timed_score(windows: list) -> tuple[pipeline.Scores, float]:
+        t0 = time.perf_counter()
+        return pipeline.score_isolated(scorer.score, windows, settings.top_k), time.perf_counter() - t0
+
+    async def complete(flight: "InFlight") -> None:
+        """Stage 3, on the event loop: outputs of a scored batch, delivered and checked."""
+        scores, seconds = await flight.scoring
+        if flight.batch.accepted:
+            metrics.INFERENCE_SECONDS.observe(seconds)
+            metrics.BATCH_SIZE.observe(len(flight.batch.accepted))
+        records, events = flight.records, flight.events
         # (event, score) -> output records and dead letters
-        done = pipeline.finish(batch, scores, topics, scorer.item_ids, model, triggers,
-                               processing_ms=round((time.perf_counter() - started) * 1000, 3))
+        done = pipeline.finish(flight.batch, scores, topics, scorer.item_ids, model, triggers,
+                               processing_ms=round((time.perf_counter() - flight.started) * 1000, 3))
         for key, (value, index) in done.trigger_writes.items():
             _write_in_event_context(events[index], trigger_states.__setitem__, key, value)
         for reason, count in done.dead_lettered.items():
@@ -269,31 +295,56 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
             log.info("evicted %d idle sessions (%d remain)", evicted, len(items) - evicted)
 
     batch_lock = asyncio.Lock()
+    # Batches begun but not yet delivered. Bounded, so a slow broker or model holds back
+    # consumption instead of growing memory; PIPELINE_DEPTH >= 2 lets batch N+1 be
+    # decoded while batch N is scored and batch N-1's outputs are sent.
+    in_flight: asyncio.Queue = asyncio.Queue(maxsize=PIPELINE_DEPTH)
+
+    def fail(exc: BaseException) -> None:
+        if isinstance(exc, pipeline.DeliveryFailed):
+            # Not the data's fault (every record is dead-lettered or scored by then): the
+            # broker refuses our outputs. Exit without acking, so a restarted worker
+            # re-reads the batch from the committed offsets.
+            log.error("stopping the worker (exit status %d): %s", EXIT_DELIVERY_FAILED, exc)
+            status = EXIT_DELIVERY_FAILED
+        else:
+            # A bug outside the per-record guards (they dead-letter what they catch). A
+            # crashed Faust agent leaves the worker up but consuming nothing: exit, so a
+            # supervisor restarts it from the committed offsets.
+            log.error("scoring a batch failed; stopping the worker (exit status 70)", exc_info=exc)
+            status = 70
+        logging.shutdown()
+        os._exit(status)
+
+    async def deliver_in_order(stream) -> None:
+        """Stage 3 for every batch, in the order begun; acks a batch once it is delivered."""
+        while True:
+            flight = await in_flight.get()
+            try:
+                await complete(flight)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                fail(exc)
+            for event in flight.events:
+                await stream.ack(event)
+            in_flight.task_done()
 
     @app.agent(clicks, name="score_clicks")
     async def score_clicks(stream):
         # noack_take: Faust must not commit a record's offset until every output of the
-        # batch it came in has been delivered, so the batch is acked here, after delivery.
-        async for events in stream.noack_take(settings.batch_size, within=settings.batch_wait_s):
-            try:
-                async with batch_lock:
-                    await process(events)
-            except pipeline.DeliveryFailed as exc:
-                # Not the data's fault (every record is dead-lettered or scored by then):
-                # the broker refuses our outputs. Exit without acking, so a restarted
-                # worker re-reads this batch from the committed offsets.
-                log.error("stopping the worker (exit status %d): %s", EXIT_DELIVERY_FAILED, exc)
-                logging.shutdown()
-                os._exit(EXIT_DELIVERY_FAILED)
-            except Exception:
-                # A bug outside the per-record guards (they dead-letter what they catch). A
-                # crashed Faust agent leaves the worker up but consuming nothing: exit, so a
-                # supervisor restarts it from the committed offsets.
-                log.exception("scoring a batch failed; stopping the worker (exit status 70)")
-                logging.shutdown()
-                os._exit(70)
-            for event in events:
-                await stream.ack(event)
+        # batch it came in has been delivered, so batches are acked after delivery.
+        sender = asyncio.ensure_future(deliver_in_order(stream))
+        try:
+            async for events in stream.noack_take(settings.batch_size, within=settings.batch_wait_s):
+                try:
+                    async with batch_lock:
+                        flight = begin(events)
+                except Exception as exc:
+                    fail(exc)
+                await in_flight.put(flight)
+        finally:
+            sender.cancel()
 
     @app.timer(EVICTION_SCAN_S)
     async def eviction_scan() -> None:
