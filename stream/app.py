@@ -234,19 +234,29 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         consumed.inc(len(events))
         worker.processed += len(events)
         records = [pipeline.Record.of(ev.message) for ev in events]
-        for record in records:
-            worker.last_offsets[record.partition] = record.offset
-        # (record) -> event | dead letter; (event, state) -> state
-        batch = pipeline.prepare(records, sessions.data.get, scorer.artefacts, timeout_ms,
-                                 settings.max_message_bytes, unreadable_state)
-        for key, (value, index) in batch.state_writes.items():
-            _write_in_event_context(events[index], sessions.__setitem__, key, value)
-        for partition, watermark in batch.watermarks.items():
-            worker.watermarks[partition] = max(worker.watermarks.get(partition, 0), watermark)
+        try:
+            for record in records:
+                worker.last_offsets[record.partition] = record.offset
+            # (record) -> event | dead letter; (event, state) -> state
+            batch = pipeline.prepare(records, sessions.data.get, scorer.artefacts, timeout_ms,
+                                     settings.max_message_bytes, unreadable_state)
+            for key, (value, index) in batch.state_writes.items():
+                _write_in_event_context(events[index], sessions.__setitem__, key, value)
+            for partition, watermark in batch.watermarks.items():
+                worker.watermarks[partition] = max(worker.watermarks.get(partition, 0), watermark)
+        except Exception as exc:
+            # A fault outside the per-record guards: dead-letter the batch rather than
+            # exit, since a restart would read the same records and fail again.
+            batch = whole_batch_failed(records, exc, "preparing a batch")
         # [window] -> scores, off the event loop. One inference thread scores batches in
         # the order they were begun, so a session's events are scored in order.
         scoring = asyncio.get_running_loop().run_in_executor(executor, timed_score, batch.windows)
         return InFlight(events, records, batch, scoring, started)
+
+    def whole_batch_failed(records: list, exc: Exception, where: str) -> pipeline.Batch:
+        detail = pipeline.internal_error(exc, where)
+        return pipeline.Batch(records, rejected=[pipeline.Rejected(i, "internal_error", detail)
+                                                 for i in range(len(records))])
 
     def timed_score(windows: list) -> tuple[pipeline.Scores, float]:
         t0 = time.perf_counter()
@@ -254,16 +264,25 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
 
     async def complete(flight: "InFlight") -> None:
         """Stage 3, on the event loop: outputs of a scored batch, delivered and checked."""
-        scores, seconds = await flight.scoring
+        try:
+            scores, seconds = await flight.scoring
+        except Exception as exc:   # outside score_isolated's guard (which catches the model's own)
+            scores, seconds = pipeline.Scores.all_failed(
+                len(flight.batch.accepted), settings.top_k, pipeline.internal_error(exc, "scoring a batch")), 0.0
         if flight.batch.accepted:
             metrics.INFERENCE_SECONDS.observe(seconds)
             metrics.BATCH_SIZE.observe(len(flight.batch.accepted))
         records, events = flight.records, flight.events
         # (event, score) -> output records and dead letters
-        done = pipeline.finish(flight.batch, scores, topics, scorer.item_ids, model, triggers,
-                               processing_ms=round((time.perf_counter() - flight.started) * 1000, 3))
-        for key, (value, index) in done.trigger_writes.items():
-            _write_in_event_context(events[index], trigger_states.__setitem__, key, value)
+        try:
+            done = pipeline.finish(flight.batch, scores, topics, scorer.item_ids, model, triggers,
+                                   processing_ms=round((time.perf_counter() - flight.started) * 1000, 3))
+            for key, (value, index) in done.trigger_writes.items():
+                _write_in_event_context(events[index], trigger_states.__setitem__, key, value)
+        except Exception as exc:   # outside the per-record guards: as in begin()
+            failed = whole_batch_failed(records, exc, "building a batch's outputs")
+            done = pipeline.finish(failed, pipeline.score_isolated(scorer.score, [], settings.top_k),
+                                   topics, scorer.item_ids, model)
         for reason, count in done.dead_lettered.items():
             metrics.EVENTS_DEAD_LETTERED.labels(reason=reason).inc(count)
         for probability in done.buy_probabilities:
@@ -308,9 +327,9 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
             log.error("stopping the worker (exit status %d): %s", EXIT_DELIVERY_FAILED, exc)
             status = EXIT_DELIVERY_FAILED
         else:
-            # A bug outside the per-record guards (they dead-letter what they catch). A
-            # crashed Faust agent leaves the worker up but consuming nothing: exit, so a
-            # supervisor restarts it from the committed offsets.
+            # Reached only by a bug in the wiring itself (faults in the batch logic
+            # dead-letter the batch). A crashed Faust agent leaves the worker up but
+            # consuming nothing: exit, so a supervisor restarts it from committed offsets.
             log.error("scoring a batch failed; stopping the worker (exit status 70)", exc_info=exc)
             status = 70
         logging.shutdown()

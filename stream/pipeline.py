@@ -124,6 +124,11 @@ class Scores:
     top_scores: np.ndarray          # (B, k) float32
     failed: dict[int, str] = field(default_factory=dict)   # position in batch -> detail
 
+    @classmethod
+    def all_failed(cls, n: int, top_k: int, detail: str) -> "Scores":
+        return cls(np.full(n, np.nan), np.zeros((n, top_k), np.int64), np.zeros((n, top_k), np.float32),
+                   {i: detail for i in range(n)})
+
 
 @dataclass(frozen=True, slots=True)
 class Output:
