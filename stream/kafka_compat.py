@@ -53,6 +53,8 @@ STOP_GRACE_S = 30.0           # then exit even if Faust's shutdown hangs
 
 
 def codec_name(codec_id: int) -> str:
+    if codec_id < 0:
+        return "unknown"
     return CODEC_NAMES.get(codec_id, f"unknown (id {codec_id})")
 
 
@@ -151,12 +153,15 @@ def guard_fetcher(on_unreadable: Callable[[UnreadableBatch], None]) -> None:
             yield from original(self)
         except Exception as exc:
             batch = tracker.last
-            codec_id = batch.compression_type if batch is not None else -1
+            if batch is None:     # failed before any batch: not a codec problem
+                raise
+            codec_id = getattr(batch, "compression_type", -1)   # -1: a legacy (v0/v1) message set
             # Unsupported codec: always ours. Anything else counts only on a compressed
             # batch (a failed decompression); CRC and protocol errors keep aiokafka's handling.
             if not isinstance(exc, unsupported) and (codec_id <= 0 or isinstance(exc, KafkaError)):
                 raise
-            unreadable = UnreadableBatch(self._tp.topic, self._tp.partition, batch.base_offset,
+            offset = getattr(batch, "base_offset", self.next_fetch_offset)
+            unreadable = UnreadableBatch(self._tp.topic, self._tp.partition, offset,
                                          codec_id, f"{type(exc).__name__}: {exc}")
             on_unreadable(unreadable)
             raise unsupported(unreadable.message()) from exc

@@ -77,8 +77,8 @@ EVENT_LOOP_LAG_SECONDS = Histogram(
     "clickscore_event_loop_lag_seconds", "how late the event loop ran a scheduled callback",
     buckets=_LOOP_LAG, registry=REGISTRY)
 UNREADABLE_BATCHES = Counter(
-    "clickscore_unreadable_batches", "input record batches the worker could not decompress "
-    "(codec unknown or its library missing); the worker stops on the first", ["topic", "partition", "codec"],
+    "clickscore_unreadable_batches", "record batches the worker could not decompress (codec "
+    "unknown, library missing, corrupt payload); the worker stops on the first", ["topic", "partition", "codec"],
     registry=REGISTRY)
 
 # -- trigger sink (stream/sink.py) -----------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -385,3 +386,25 @@ def test_worker_stops_on_a_batch_it_cannot_decompress(broker, model_dir, tmp_pat
     # Nothing past the unreadable batch was scored.
     items = read_topic(broker, t["next_items"], lambda r: False, timeout=2, settle=0)
     assert not any(json.loads(r.value)["session_id"] == "s3" for r in items)
+
+
+def test_worker_without_the_codec_library_refuses_to_start(broker, model_dir, tmp_path):
+    """cramjam hidden from a real worker process: it exits 2 at start-up naming the
+    package, instead of crashing on the first compressed batch it fetches."""
+    blocker = tmp_path / "no_cramjam"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class _NoCramjam(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'cramjam':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (blocked by the test)')\n"
+        "sys.meta_path.insert(0, _NoCramjam())\n")
+    t = topics()
+    worker = WorkerProcess(broker, model_dir, t, f"app-{uuid.uuid4().hex[:8]}", tmp_path / "worker.log",
+                           free_port())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(worker.argv, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert ("clickscore worker: error: aiokafka cannot read or write snappy, lz4, zstd record batches "
+            "here: install cramjam") in done.stderr
