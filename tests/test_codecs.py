@@ -299,6 +299,7 @@ def test_worker_scores_every_codec_from_librdkafka_and_replay_like_offline(
         for codec in COMPRESSION_TYPES:
             sent[("librdkafka", codec)] = librdkafka_produce(broker, t["input"], groups[("librdkafka", codec)],
                                                              codec)
+        from_librdkafka = stored_codecs(broker, t["input"])
         for codec in COMPRESSION_TYPES:
             path = tmp_path / f"replay-{codec}.jsonl"
             path.write_text("".join(json.dumps(e) + "\n" for e in groups[("replay", codec)]))
@@ -315,9 +316,12 @@ def test_worker_scores_every_codec_from_librdkafka_and_replay_like_offline(
         scores = read_topic(broker, t["scores"], lambda r: True, timeout=30, settle=1.0)
         assert worker.proc.poll() is None, worker.log()[-3000:]
 
-    # Every codec really reached the broker as such, from both producers' sides, and the
-    # worker's outputs are lz4 (read back above by kafka-python).
-    assert stored_codecs(broker, t["input"]).keys() == set(COMPRESSION_TYPES)
+    # Every codec really reached the broker as such, from each producer (replay added
+    # batches of every codec), and the worker's outputs are lz4 (read back above by kafka-python).
+    assert from_librdkafka.keys() == set(COMPRESSION_TYPES)
+    after_replay = stored_codecs(broker, t["input"])
+    assert all(after_replay[codec] > from_librdkafka[codec] for codec in COMPRESSION_TYPES), \
+        (from_librdkafka, after_replay)
     assert stored_codecs(broker, t["next_items"]).keys() == {"lz4"}
 
     emitted_items, emitted_scores = values(items), values(scores)
