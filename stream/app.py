@@ -419,6 +419,8 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
                 worker.positions_after_seek[tp.partition] = await app.consumer.position(tp)
 
     app.clickscore = worker   # for tests and the demo: watermarks, loop lag
+    from stream import kafka_compat   # all codecs read, --compression-type, stop on unreadable batches
+    kafka_compat.install(app, settings)
     return app
 
 

@@ -154,7 +154,7 @@ def _worker(p: argparse.ArgumentParser) -> None:
         "partitions", "app_id", "top_k", "batch_size", "batch_wait_s", "session_timeout_s",
         "max_message_bytes", "store", "data_dir", "web_port", "metrics_port", "metrics_host",
         "execution_provider", "rules", "session_timeout_ms", "heartbeat_interval_ms",
-        "rebalance_timeout_ms", "fetch_max_wait_ms", "log_level"))
+        "rebalance_timeout_ms", "fetch_max_wait_ms", "log_level", "compression_type"))
 
 
 def _sink(p: argparse.ArgumentParser) -> None:
@@ -232,7 +232,7 @@ def _replay(p: argparse.ArgumentParser) -> None:
                    default=True, help="show a progress bar on stderr (--progress false: off)")
     add_env_option(p, "--json", "CLICKSCORE_REPLAY_JSON", type=_bool, nargs="?", const=True,
                    default=False, help="print the summary as one JSON line")
-    add_settings(p, KAFKA_SETTINGS + ("partitions",))
+    add_settings(p, KAFKA_SETTINGS + ("partitions", "compression_type"))
 
 
 def _demo(p: argparse.ArgumentParser) -> None:

@@ -82,6 +82,10 @@ MODEL_INFO = Gauge(
 EVENT_LOOP_LAG_SECONDS = Histogram(
     "clickscore_event_loop_lag_seconds", "how late the event loop ran a scheduled callback",
     buckets=_LOOP_LAG, registry=REGISTRY)
+UNREADABLE_BATCHES = Counter(
+    "clickscore_unreadable_batches", "record batches the worker could not decompress (codec "
+    "unknown, library missing, corrupt payload); the worker stops on the first", ["topic", "partition", "codec"],
+    registry=REGISTRY)
 
 # -- trigger sink (stream/sink.py) -----------------------------------------------------
 SINK_REGISTRY = _registry()

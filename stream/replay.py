@@ -311,6 +311,9 @@ def make_producer(settings: Settings, linger_ms: int = 5, batch_bytes: int = 655
                   retries: int = 5, delivery_timeout_ms: int = 30000):
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
+
+    from stream.kafka_compat import producer_compression, require_codecs
+    require_codecs("kafka-python", [settings.compression_type])
     try:
         return KafkaProducer(
             bootstrap_servers=settings.broker,
@@ -329,6 +332,7 @@ def make_producer(settings: Settings, linger_ms: int = 5, batch_bytes: int = 655
             request_timeout_ms=max(delivery_timeout_ms - linger_ms, 1000),
             # A dead broker must surface as failed sends, not as a replay stuck in send().
             max_block_ms=delivery_timeout_ms,
+            compression_type=producer_compression(settings.compression_type),
             **settings.kafka_security(),
         )
     except KafkaError as exc:

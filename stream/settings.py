@@ -68,6 +68,9 @@ class Settings:
     sasl_username: str = _setting("", "SASL username")
     sasl_password: str = _setting("", "SASL password")
     ssl_cafile: str = _setting("", "CA bundle for TLS")
+    compression_type: str = _setting(
+        "none", "compression of the batches this command produces (every codec is read either way)",
+        choices=("none", "gzip", "snappy", "lz4", "zstd"))
     # -- topics ----------------------------------------------------------------------
     input_topic: str = _setting("clicks", "topic of incoming click events")
     scores_topic: str = _setting("buyer-scores", "topic for buyer-probability events")

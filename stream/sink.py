@@ -318,6 +318,8 @@ def config_from_args(args: argparse.Namespace, settings: Settings) -> SinkConfig
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     config = config_from_args(args, settings)
+    from stream.kafka_compat import require_codecs
+    require_codecs("aiokafka")   # triggers may come compressed with any codec: fail now, not mid-stream
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.metrics_port >= 0:
