@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -194,9 +195,10 @@ def start_worker(settings: Settings, workdir: Path) -> tuple[subprocess.Popen, P
                "--heartbeat-interval-ms", "1000", "--rebalance-timeout-ms", "6000",
                "--execution-provider", settings.execution_provider, "--log-level", settings.log_level]
     with open(log_path, "wb") as log_file:
-        # Dies with the demo (parent-death SIGTERM: its own bounded stop), own process group.
-        process = lifecycle.spawn(command, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL)
+        # Dies with the demo, in its own process group. SIGKILL, because its broker dies
+        # with the demo too: an orderly stop could commit nothing and would wait 10 s.
+        process = lifecycle.spawn(command, death_signal=signal.SIGKILL, cwd=REPO, stdout=log_file,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     return process, log_path
 
 

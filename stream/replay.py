@@ -454,12 +454,15 @@ def replay(input_path: str | Path, topic: str = "clicks", *, settings: Settings 
         # Stopping on a signal: what is still unacknowledged when the stop deadline
         # nears is reported as failed, not waited for (stream/lifecycle.py).
         from stream import lifecycle
-        flush_timeout_s = min(flush_timeout_s, max(0.1, lifecycle.remaining_s(flush_timeout_s) - 2.0))
+        flush_timeout_s = min(flush_timeout_s, max(0.1, lifecycle.remaining_s(flush_timeout_s) - 4.0))
         try:
             producer.flush(timeout=flush_timeout_s)
         except KafkaError:
             pass    # counted below as not acknowledged
-        producer.close(timeout=min(5.0, max(0.1, lifecycle.remaining_s(5.0) - 1.5)))
+        try:
+            producer.close(timeout=min(5.0, max(0.1, lifecycle.remaining_s(5.0) - 3.0)))
+        except KafkaError:
+            pass    # close flushes again and raises when the broker is gone: already counted
         if bar is not None:
             bar.close()
     with deliveries.lock:
@@ -489,7 +492,7 @@ def replay(input_path: str | Path, topic: str = "clicks", *, settings: Settings 
         }
     if unanswered and len(summary["failures"]) < EXAMPLES:
         summary["failures"].append({"event": None, "error": f"{unanswered} sends not acknowledged "
-                                                            f"within the flush timeout of {flush_timeout_s} s"})
+                                                            f"within the flush timeout of {flush_timeout_s:.1f} s"})
     if sent_calls > 1 and last_send > first_send:
         # n events span n-1 intervals from the first send to the last.
         summary["rate_eps"] = round((sent_calls - 1) / (last_send - first_send), 1)

@@ -287,7 +287,9 @@ async def _stop(*clients: Any) -> None:
     for client in clients:
         try:
             await client.stop()
-        except Exception as exc:   # noqa: BLE001 - shutting down, report and go on
+        # aiokafka's consumer.stop() re-raises its cancelled fetch task's CancelledError
+        # when the broker is gone: that is a finished stop, not a cancelled sink.
+        except (Exception, asyncio.CancelledError) as exc:   # noqa: BLE001 - shutting down, report and go on
             log.debug("stopping %s: %s", type(client).__name__, exc)
 
 

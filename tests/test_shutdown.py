@@ -394,6 +394,7 @@ def test_demo_stops_its_broker_and_worker(model, click_log, sig):
     lines = Lines(proc.stdout)
     try:
         lines.wait_for("events/s in", proc, timeout=150)   # warmed up, replay running
+        time.sleep(3.0)                                      # about 150 events sent
         if sig == signal.SIGKILL:
             # No handler runs: the children must die of the parent-death signal.
             children = descendants(proc.pid)
