@@ -169,6 +169,8 @@ def install(deadline_s: float = STOP_DEADLINE_S,
     _deadline_s = deadline_s
     if callback is not None:
         on_stop(callback)
+    if threading.current_thread() is not threading.main_thread():
+        return _stopping     # only the main thread may handle signals (a library caller's job)
     for signum in STOP_SIGNALS:
         signal.signal(signum, _on_signal)
     return _stopping
@@ -224,11 +226,14 @@ def force_exit(reason: str, status: int = EXIT_FORCED) -> None:
 # --------------------------------------------------------------------------- children
 
 def _die_with_parent(death_signal: int, parent: int) -> Callable[[], None]:
+    # Looked up here, in the parent: dlopen between fork and exec could deadlock on a
+    # loader lock another thread of the parent held at the fork.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
     def preexec() -> None:
         # Runs in the child between fork and exec. PR_SET_PDEATHSIG fires when the
         # *thread* that forked exits, so spawn from the main thread of long-lived code.
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
+        prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
         if os.getppid() != parent:   # the parent died before prctl: nobody would tell us
             os._exit(EXIT_FAILURE)
     return preexec
