@@ -51,5 +51,15 @@ $(KCAT_LIB)/librdkafka.so.1:
 bench-replay: venv system-deps $(KCAT_LIB)/librdkafka.so.1
 	$(BIN)/python -m bench.replay --kcat-library-path $(KCAT_LIB)
 
+# Coverage-guided fuzzing of decode -> validate -> state -> encode (fuzz/fuzz_events.py).
+# New inputs collect in .fuzz-corpus/; a crash leaves fuzz/crash-<sha1>: fix it, then
+# move it to fuzz/regressions/<reason>--<what>.json (tests/test_fuzz.py replays those).
+FUZZ_SECONDS ?= 300
+.PHONY: fuzz
+fuzz: venv
+	mkdir -p .fuzz-corpus
+	$(BIN)/python fuzz/fuzz_events.py .fuzz-corpus fuzz/corpus -dict=fuzz/events.dict -max_len=20000 \
+		-timeout=10 -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/ -print_final_stats=1
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

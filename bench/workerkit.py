@@ -87,11 +87,14 @@ class WorkerProcess:
         self.stop()
 
 
-def produce(broker: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]]) -> list:
-    """Send (key, value) pairs in order; returns their RecordMetadata (partition, offset, timestamp)."""
+def produce(broker: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]],
+            max_request_size: int = 4_000_000) -> list:
+    """Send (key, value) pairs in order; returns their RecordMetadata (partition, offset, timestamp).
+    (The embedded broker stalled on produce requests of several MB: keep them under ~1 MB
+    with `max_request_size` when records are large.)"""
     from kafka import KafkaProducer
 
-    producer = KafkaProducer(bootstrap_servers=broker, linger_ms=5, max_request_size=4_000_000)
+    producer = KafkaProducer(bootstrap_servers=broker, linger_ms=5, max_request_size=max_request_size)
     futures = [producer.send(topic, key=k, value=v) for k, v in records]
     producer.flush()
     metadata = [f.get(timeout=30) for f in futures]

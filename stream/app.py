@@ -3,18 +3,27 @@
     clickscore broker &                                   # or --broker at real Kafka
     clickscore worker --model onnx_models/default --web-port 6066 --metrics-port 9464
 
-Data flow, one micro-batch at a time (`stream.take_events(batch_size, within=batch_wait_s)`):
+Data flow, one micro-batch at a time (`stream.noack_take(batch_size, within=batch_wait_s)`);
+the batch logic is plain code in stream/pipeline.py, this module only wires it to Faust:
 
-    raw bytes --(events.decode)--> ClickEvent | InvalidEvent -> clicks-dlq
+    raw bytes --(pipeline.prepare: events.decode, key check)--> ClickEvent | dead letter
     ClickEvent --(session_state.advance)--> session window (table `sessions`, changelog-backed)
-    windows --(ModelScorer.score, executor thread)--> buy probability, top-k items
-    -> buyer-scores (until the session's first transaction), next-items (every valid event)
-    buy probability --(triggers.RuleSet.evaluate, table `trigger-state`)--> triggers (with --rules)
+    windows --(pipeline.score_isolated: ModelScorer.score, executor thread)--> buy probability, top-k
+    --(pipeline.finish)--> buyer-scores (until the session's first transaction), next-items
+    (every valid event), triggers (with --rules, table `trigger-state`), dead letters
+    outputs --(deliver: every delivery report checked, failures re-sent)--> ack -> commit
+
+Batches are pipelined (`begin` -> inference thread -> `complete`): batch N+1 is decoded
+and its state advanced while batch N is scored and batch N-1's outputs are delivered;
+one inference thread scores batches in the order begun and one task delivers and acks
+them in that order, so a session's events keep their order end to end.
 
 Decisions a reader needs:
 - Input is consumed as raw bytes so this worker, not Faust's codec, decides what is
   valid; every failure goes to the dead-letter topic with its reason, and the worker
-  never stops for bad input. Messages must be keyed by session_id (that keeps a
+  never stops for bad input: each record is handled inside its own guard, an unforeseen
+  exception dead-letters that record as `internal_error`, and a model that fails on some
+  windows fails only those events (`scoring_failed`). See stream/pipeline.py. Messages must be keyed by session_id (that keeps a
   session on one partition, in order, next to its state); a message whose key is
   not its session_id is dead-lettered as `key_mismatch`.
 - Table writes go to the changelog partition of the *current event*. A batch holds
@@ -29,8 +38,10 @@ Decisions a reader needs:
   measures how late the loop runs (clickscore_event_loop_lag_seconds).
 - Idle sessions are evicted on the event-time watermark of their partition (see
   stream/session_state.py), by a timer scan every EVICTION_SCAN_S (never in the middle of a batch).
-- At-least-once: offsets are committed after the batch's sends are flushed, so a
-  crashed worker re-delivers; outputs carry the input's event_id to dedupe by. The
+- At-least-once: a batch is acked (so its offsets may be committed) only after every
+  output of it has been delivered; an output that stays undeliverable after SEND_ATTEMPTS
+  rounds stops the worker (exit 75) without acking, so a restart re-reads it. A crashed
+  worker re-delivers; outputs carry the input's event_id to dedupe by. The
   state records each row's input offset, so a re-delivered event is not applied
   twice (its changelog write may have landed before the crash) and its scores are
   sent again from the window as of that event: equal to the first time.
@@ -39,9 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextvars
-import json
 import logging
 import os
 import ssl
@@ -53,11 +62,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from stream import metrics
+from stream import metrics, pipeline
 from stream.errors import ClickscoreError
-from stream.events import ClickEvent, InvalidEvent, decode
 from stream.scoring import ModelScorer
-from stream.session_state import SessionState, StateError, advance, idle_keys, is_idle, replay_view
+from stream.session_state import idle_keys
 from stream.settings import Settings, settings_from_args
 
 log = logging.getLogger("clickscore.worker")
@@ -102,43 +110,23 @@ def ensure_topics(settings: Settings) -> int:
         admin.close()
 
 
-# -- output records -------------------------------------------------------------------
+# -- the worker ------------------------------------------------------------------------
 
-def dead_letter_record(exc: InvalidEvent, message: Any) -> bytes:
-    value = message.value
-    if isinstance(value, str):
-        value = value.encode()
-    return json.dumps({
-        "reason": exc.reason,
-        "detail": exc.detail,
-        "original_b64": base64.b64encode(value or b"").decode(),
-        "topic": message.topic,
-        "partition": message.partition,
-        "offset": message.offset,
-        "timestamp": message.timestamp,
-        "dead_lettered_at": round(time.time() * 1000),
-    }, separators=(",", ":")).encode()
-
-
-def event_id_of(event: ClickEvent, message: Any) -> str:
-    """The input's event_id, or its Kafka position when the producer sent none."""
-    return event.event_id or f"{message.topic}:{message.partition}:{message.offset}"
+SEND_ATTEMPTS = 5             # rounds of re-sending outputs whose delivery failed
+SEND_BACKOFF_S = 0.5          # wait after the first failed round, doubled after each
+EXIT_DELIVERY_FAILED = 75     # EX_TEMPFAIL: outputs undeliverable; a restart re-reads uncommitted input
+PIPELINE_DEPTH = 2            # batches decoded ahead of the one whose outputs are being sent
 
 
 @dataclass
-class Scored:
-    """One valid event on its way through a batch."""
-    event: ClickEvent
-    message: Any
-    window: Any              # (n,) EVENT_ROW: the session right after this event
-    event_count: int
-    emit_buy: bool           # the session had not bought before this event
-    has_cart: bool
-    source_event: Any = None  # the Faust event (its partition decides table writes)
-    replayed: bool = False    # re-delivered: already applied to the state (and triggers)
+class InFlight:
+    """A batch between its state update and the delivery of its outputs."""
+    events: Sequence[Any]                 # Faust events, acked after delivery
+    records: list                         # pipeline.Record per event
+    batch: Any                            # pipeline.Batch
+    scoring: "asyncio.Future"             # -> (pipeline.Scores, inference seconds)
+    started: float                        # perf_counter when the batch was begun
 
-
-# -- the worker ------------------------------------------------------------------------
 
 def _write_in_event_context(event: Any, write, *args) -> None:
     """Run `write` as if `event` were the stream's current event, so Faust's table
@@ -221,140 +209,73 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
     worker = WorkerState()
     info = scorer.info
     timeout_ms = int(settings.session_timeout_s * 1000)
+    topics = pipeline.Topics(settings.scores_topic, settings.next_items_topic, settings.dlq_topic,
+                             settings.triggers_topic)
+    model = pipeline.ModelTag(info.name, info.version)
     consumed = metrics.EVENTS_CONSUMED.labels(topic=settings.input_topic)
     scored = {t: metrics.EVENTS_SCORED.labels(topic=t)
               for t in (settings.scores_topic, settings.next_items_topic)}
+    triggers = pipeline.TriggerContext(
+        rules, lambda key: trigger_states.data.get(key),
+        lambda rule: metrics.TRIGGERS_FIRED.labels(rule=rule).inc()) if rules else None
 
-    async def send(topic: str, key: bytes | None, value: bytes) -> None:
-        # Fire and forget: the commit flushes the producer before it commits offsets.
-        await app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
+    def unreadable_state(key: bytes, exc: Exception) -> None:
+        log.warning("session %r: unreadable state (%s); starting it afresh", key[:60], exc)
 
-    def read_state(key: bytes) -> SessionState | None:
-        value = sessions.data.get(key)
-        if value is None:
-            return None
-        try:
-            return SessionState.from_bytes(value)
-        except StateError as exc:
-            log.warning("session %r: unreadable state (%s); starting it afresh", key, exc)
-            return None
+    async def send(out: pipeline.Output):
+        # The delivery report (an awaitable) is checked by pipeline.deliver.
+        return await app.producer.send(out.topic, out.key, out.value, partition=None, timestamp=None,
+                                       headers=None)
 
-    async def process(events: Sequence[Any]) -> None:
+    def begin(events: Sequence[Any]) -> "InFlight":
+        """Stage 1, on the event loop: decode, key check, advance and write session state,
+        then hand the windows to the inference thread. Returns at once."""
         started = time.perf_counter()
         consumed.inc(len(events))
         worker.processed += len(events)
-        pending: dict[bytes, tuple[SessionState, Any]] = {}   # key -> (state, its last event)
-        batch: list[Scored] = []
-        for ev in events:
-            message = ev.message
-            worker.last_offsets[message.partition] = message.offset
-            try:
-                event = decode(message.value, settings.max_message_bytes)
-                key = event.session_id.encode()
-                if message.key != key:
-                    raise InvalidEvent("key_mismatch", f"message key {message.key!r:.60} is not the "
-                                       f"session_id {event.session_id!r:.60}: key events by session_id")
-            except InvalidEvent as exc:
-                metrics.EVENTS_DEAD_LETTERED.labels(reason=exc.reason).inc()
-                await send(settings.dlq_topic, message.key, dead_letter_record(exc, message))
-                continue
-            state = pending[key][0] if key in pending else read_state(key)
-            if state is not None and message.offset <= state.last_offset:
-                # Re-delivered after a crash or rebalance: already in the state. Send its
-                # scores again as they were, without applying it a second time.
-                replay = replay_view(state, message.offset)
-                if replay is None:   # rare: needs a crash inside a session longer than the window
-                    exc = InvalidEvent("redelivered_unscorable", "re-delivered event of a session "
-                                       "longer than the window: its window is no longer known")
-                    metrics.EVENTS_DEAD_LETTERED.labels(reason=exc.reason).inc()
-                    await send(settings.dlq_topic, message.key, dead_letter_record(exc, message))
-                    continue
-                batch.append(Scored(event, message, replay.window, replay.event_count,
-                                    emit_buy=not replay.had_bought, has_cart=replay.has_cart,
-                                    source_event=ev, replayed=True))
-                continue
-            if state is not None and state.event_count and is_idle(state.last_event_ms, event.timestamp,
-                                                                   timeout_ms):
-                state = None   # the old session timed out: this event starts a new one
-            had_bought = state.has_bought if state is not None else False
-            new_state = advance(state, event, scorer.artefacts, message.partition, message.offset,
-                                timeout_ms)
-            pending[key] = (new_state, ev)
-            watermark = worker.watermarks.get(message.partition, 0)
-            worker.watermarks[message.partition] = max(watermark, event.timestamp)
-            batch.append(Scored(event, message, new_state.window, new_state.event_count,
-                                emit_buy=not had_bought, has_cart=new_state.has_cart, source_event=ev))
+        records = [pipeline.Record.of(ev.message) for ev in events]
+        for record in records:
+            worker.last_offsets[record.partition] = record.offset
+        # (record) -> event | dead letter; (event, state) -> state
+        batch = pipeline.prepare(records, sessions.data.get, scorer.artefacts, timeout_ms,
+                                 settings.max_message_bytes, unreadable_state)
+        for key, (value, index) in batch.state_writes.items():
+            _write_in_event_context(events[index], sessions.__setitem__, key, value)
+        for partition, watermark in batch.watermarks.items():
+            worker.watermarks[partition] = max(worker.watermarks.get(partition, 0), watermark)
+        # [window] -> scores, off the event loop. One inference thread scores batches in
+        # the order they were begun, so a session's events are scored in order.
+        scoring = asyncio.get_running_loop().run_in_executor(executor, timed_score, batch.windows)
+        return InFlight(events, records, batch, scoring, started)
 
-        if batch:
-            windows = [item.window for item in batch]
-            t0 = time.perf_counter()
-            result = await asyncio.get_running_loop().run_in_executor(
-                executor, scorer.score, windows, settings.top_k)
-            metrics.INFERENCE_SECONDS.observe(time.perf_counter() - t0)
-            metrics.BATCH_SIZE.observe(len(batch))
+    def timed_score(windows: list) -> tuple[pipeline.Scores, float]:
+        t0 = time.perf_counter()
+        return pipeline.score_isolated(scorer.score, windows, settings.top_k), time.perf_counter() - t0
 
-            for key, (state, ev) in pending.items():
-                _write_in_event_context(ev, sessions.__setitem__, key, state.to_bytes())
-            trigger_pending: dict[bytes, tuple[Any, Any]] = {}   # key -> (trigger state, event)
-
-            item_ids = scorer.item_ids(result.top_items)
-            processing_ms = round((time.perf_counter() - started) * 1000, 3)
-            now = time.time()
-            for i, item in enumerate(batch):
-                event, message = item.event, item.message
-                common = {
-                    "session_id": event.session_id,
-                    "event_id": event_id_of(event, message),
-                    "timestamp": event.timestamp,
-                    "event_type": event.event_type,
-                    "event_count": item.event_count,
-                    "model_name": info.name,
-                    "model_version": info.version,
-                    "processing_ms": processing_ms,
-                }
-                key = message.key
-                if item.emit_buy:
-                    if event.is_transaction:
-                        record = {**common, "outcome": "transaction", "buy_probability": None,
-                                  "has_cart": item.has_cart}
-                    else:
-                        probability = float(result.buy_probability[i])
-                        record = {**common, "outcome": None, "buy_probability": probability,
-                                  "has_cart": item.has_cart}
-                        metrics.BUY_PROBABILITY.observe(probability)
-                        if rules and not item.replayed:
-                            await fire_triggers(key, item, probability, trigger_pending)
-                    await send(settings.scores_topic, key, _json(record))
-                    scored[settings.scores_topic].inc()
-                record = {**common, "items": item_ids[i],
-                          "scores": [float(s) for s in result.top_scores[i]]}
-                await send(settings.next_items_topic, key, _json(record))
-                scored[settings.next_items_topic].inc()
-                metrics.END_TO_END_SECONDS.observe(max(0.0, now - message.timestamp))
-            for key, (trigger_state, ev) in trigger_pending.items():
-                _write_in_event_context(ev, trigger_states.__setitem__, key, trigger_state.to_bytes())
-
-
-    async def fire_triggers(key: bytes, item: "Scored", probability: float, pending: dict) -> None:
-        from stream.triggers import ScoreObservation, SessionTriggerState
-
-        if key in pending:
-            state = pending[key][0]
-        else:
-            value = trigger_states.data.get(key)
-            try:
-                state = SessionTriggerState.from_bytes(value) if value is not None else None
-            except ValueError as exc:
-                log.warning("session %r: unreadable trigger state (%s); starting it afresh", key, exc)
-                state = None
-        observation = ScoreObservation(
-            session_id=item.event.session_id, buy_probability=probability, timestamp=item.event.timestamp,
-            has_cart=item.has_cart, event_count=item.event_count, event_id=event_id_of(item.event, item.message))
-        state, fired = rules.evaluate(state, observation)
-        pending[key] = (state, item.source_event)
-        for trigger in fired:
-            await send(settings.triggers_topic, key, trigger.to_json())
-            metrics.TRIGGERS_FIRED.labels(rule=trigger.rule).inc()
+    async def complete(flight: "InFlight") -> None:
+        """Stage 3, on the event loop: outputs of a scored batch, delivered and checked."""
+        scores, seconds = await flight.scoring
+        if flight.batch.accepted:
+            metrics.INFERENCE_SECONDS.observe(seconds)
+            metrics.BATCH_SIZE.observe(len(flight.batch.accepted))
+        records, events = flight.records, flight.events
+        # (event, score) -> output records and dead letters
+        done = pipeline.finish(flight.batch, scores, topics, scorer.item_ids, model, triggers,
+                               processing_ms=round((time.perf_counter() - flight.started) * 1000, 3))
+        for key, (value, index) in done.trigger_writes.items():
+            _write_in_event_context(events[index], trigger_states.__setitem__, key, value)
+        for reason, count in done.dead_lettered.items():
+            metrics.EVENTS_DEAD_LETTERED.labels(reason=reason).inc(count)
+        for probability in done.buy_probabilities:
+            metrics.BUY_PROBABILITY.observe(probability)
+        await pipeline.deliver(send, done.outputs, records, settings.dlq_topic, SEND_ATTEMPTS, SEND_BACKOFF_S)
+        for out in done.outputs:
+            if out.topic in scored:
+                scored[out.topic].inc()
+        now = time.time()
+        for record in records:
+            if record.timestamp:
+                metrics.END_TO_END_SECONDS.observe(max(0.0, now - record.timestamp))
 
     def evict_idle_sessions() -> None:
         worker.last_scan = time.monotonic()
@@ -374,19 +295,56 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
             log.info("evicted %d idle sessions (%d remain)", evicted, len(items) - evicted)
 
     batch_lock = asyncio.Lock()
+    # Batches begun but not yet delivered. Bounded, so a slow broker or model holds back
+    # consumption instead of growing memory; PIPELINE_DEPTH >= 2 lets batch N+1 be
+    # decoded while batch N is scored and batch N-1's outputs are sent.
+    in_flight: asyncio.Queue = asyncio.Queue(maxsize=PIPELINE_DEPTH)
+
+    def fail(exc: BaseException) -> None:
+        if isinstance(exc, pipeline.DeliveryFailed):
+            # Not the data's fault (every record is dead-lettered or scored by then): the
+            # broker refuses our outputs. Exit without acking, so a restarted worker
+            # re-reads the batch from the committed offsets.
+            log.error("stopping the worker (exit status %d): %s", EXIT_DELIVERY_FAILED, exc)
+            status = EXIT_DELIVERY_FAILED
+        else:
+            # A bug outside the per-record guards (they dead-letter what they catch). A
+            # crashed Faust agent leaves the worker up but consuming nothing: exit, so a
+            # supervisor restarts it from the committed offsets.
+            log.error("scoring a batch failed; stopping the worker (exit status 70)", exc_info=exc)
+            status = 70
+        logging.shutdown()
+        os._exit(status)
+
+    async def deliver_in_order(stream) -> None:
+        """Stage 3 for every batch, in the order begun; acks a batch once it is delivered."""
+        while True:
+            flight = await in_flight.get()
+            try:
+                await complete(flight)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                fail(exc)
+            for event in flight.events:
+                await stream.ack(event)
+            in_flight.task_done()
 
     @app.agent(clicks, name="score_clicks")
     async def score_clicks(stream):
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_s):
-            try:
-                async with batch_lock:
-                    await process(events)
-            except Exception:
-                # A crashed Faust agent leaves the worker up but consuming nothing. Exit
-                # instead, so a supervisor restarts it from the committed offsets.
-                log.exception("scoring a batch failed; stopping the worker (exit status 70)")
-                logging.shutdown()
-                os._exit(70)
+        # noack_take: Faust must not commit a record's offset until every output of the
+        # batch it came in has been delivered, so batches are acked after delivery.
+        sender = asyncio.ensure_future(deliver_in_order(stream))
+        try:
+            async for events in stream.noack_take(settings.batch_size, within=settings.batch_wait_s):
+                try:
+                    async with batch_lock:
+                        flight = begin(events)
+                except Exception as exc:
+                    fail(exc)
+                await in_flight.put(flight)
+        finally:
+            sender.cancel()
 
     @app.timer(EVICTION_SCAN_S)
     async def eviction_scan() -> None:
@@ -443,10 +401,6 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
 
     app.clickscore = worker   # for tests and the demo: watermarks, loop lag
     return app
-
-
-def _json(record: dict) -> bytes:
-    return json.dumps(record, separators=(",", ":")).encode()
 
 
 def broker_credentials(settings: Settings):

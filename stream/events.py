@@ -12,6 +12,26 @@ A click event is JSON on the wire:
 a short machine-readable code, and `InvalidEvent.detail`, a sentence for people),
 which is what the dead-letter topic and its metrics are keyed by.
 
+`decode` raises nothing but InvalidEvent, whatever the bytes (the worker relies on
+it; tests/test_properties.py and the atheris harness fuzz/fuzz_events.py check it).
+Decisions on hostile input, each with its reason code:
+- JSON nested beyond Python's recursion limit -> `too_deep` (json.loads would raise
+  RecursionError); an integer literal of more than MAX_NUMBER_DIGITS digits ->
+  `bad_number` (no known field can hold one, and int() of it costs time);
+  a key given twice -> `duplicate_field` (parsers disagree on which copy wins, so the
+  tracker that validated the event may have seen the other one).
+- Ids (session, item, category, user, event) must be encodable UTF-8: a lone
+  surrogate (the JSON escape "\ud800", which json.loads accepts) -> `bad_unicode`;
+  a control character (U+0000-U+001F, U+007F-U+009F: NUL, newline, escape...) ->
+  `control_character`, since ids become Kafka keys, log lines and webhook fields.
+- NaN/Infinity literals and overflowing floats (1e999) are read as floats and then
+  rejected by the field that holds them (`bad_price`, `bad_timestamp`); elsewhere they
+  are ignored like any unknown field. A price above MAX_PRICE is `bad_price` (the
+  window stores it as float32). A fractional millisecond timestamp is truncated; -0.0
+  is 0 (`timestamp_out_of_range`); a price of -0.0 is 0.0.
+- A byte-order mark, UTF-16, empty or whitespace-only input -> `undecodable` or
+  `invalid_json`; a top level that is not an object -> `not_an_object`.
+
 This module imports nothing heavier than the standard library: the worker and the
 training pipeline both use it.
 """
@@ -19,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
@@ -42,6 +63,15 @@ MIN_TIMESTAMP_MS = 946_684_800_000
 MAX_TIMESTAMP_MS = 4_102_444_800_000
 MAX_ID_CHARS = 256
 MAX_MESSAGE_BYTES = 16_384
+# No id, timestamp or price needs more digits; longer integer literals are hostile.
+MAX_NUMBER_DIGITS = MAX_ID_CHARS
+_MAX_ID_INT = 10 ** MAX_ID_CHARS
+# A real price in any currency is far below this; above float32's range it would be
+# stored as inf in the session window.
+MAX_PRICE = 1e12
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 REQUIRED_FIELDS = ("session_id", "event_type", "item_id", "timestamp")
 OPTIONAL_FIELDS = ("category_id", "price", "user_id", "event_id")
@@ -110,24 +140,26 @@ def parse_timestamp(value: Any) -> int:
     if isinstance(value, (int, float)):
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidEvent("bad_timestamp", f"timestamp {value} is not finite")
-        ms = int(value)
+        ms = int(value)     # a fractional millisecond is dropped
     elif isinstance(value, str):
         text = value.strip()
         if len(text) > 64:
             raise InvalidEvent("oversized_field", "timestamp string longer than 64 characters")
         try:
             moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" UTC", "+00:00"))
-        except ValueError:
-            raise InvalidEvent("bad_timestamp", f"timestamp {text!r} is not epoch ms or ISO-8601") from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
-        ms = int(round(moment.timestamp() * 1000))
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=timezone.utc)
+            ms = int(round(moment.timestamp() * 1000))
+        except (ValueError, OverflowError):   # OverflowError: a zone offset past year 1 or 9999
+            raise InvalidEvent("bad_timestamp", f"timestamp {text!r:.80} is not epoch ms or ISO-8601") from None
     else:
         raise InvalidEvent("wrong_type", f"timestamp must be epoch ms or ISO-8601, got {type(value).__name__}")
     if not MIN_TIMESTAMP_MS <= ms < MAX_TIMESTAMP_MS:
+        # str() of an int past 4,300 digits raises: name a huge one by its size.
+        shown = f"{ms} ms" if abs(ms) < _MAX_ID_INT else f"of {ms.bit_length()} bits"
         raise InvalidEvent(
             "timestamp_out_of_range",
-            f"timestamp {ms} ms is outside 2000-01-01..2100-01-01 (seconds sent as milliseconds?)",
+            f"timestamp {shown} is outside 2000-01-01..2100-01-01 (seconds sent as milliseconds?)",
         )
     return ms
 
@@ -141,11 +173,19 @@ def _identifier(fields: Mapping[str, Any], name: str, required: bool) -> str | N
     # Ids are strings on our side; integer ids from upstream systems are accepted as-is.
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InvalidEvent("wrong_type", f"{name} must be a string or integer, got {type(value).__name__}")
+    if isinstance(value, int) and not -_MAX_ID_INT < value < _MAX_ID_INT:
+        # Checked before str(): str() of a huge int is slow and fails past 4,300 digits.
+        raise InvalidEvent("oversized_field", f"{name} is longer than {MAX_ID_CHARS} characters")
     text = str(value)
     if not text:
         raise InvalidEvent("missing_field", f"{name} is empty")
     if len(text) > MAX_ID_CHARS:
         raise InvalidEvent("oversized_field", f"{name} is longer than {MAX_ID_CHARS} characters")
+    # Ids become Kafka keys (session_id.encode()) and output fields: they must encode.
+    if not text.isascii() and _SURROGATE.search(text):
+        raise InvalidEvent("bad_unicode", f"{name} {text!r:.80} holds a lone surrogate, not encodable as UTF-8")
+    if _CONTROL.search(text):
+        raise InvalidEvent("control_character", f"{name} {text!r:.80} holds a control character")
     return text
 
 
@@ -154,12 +194,17 @@ def _price(value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidEvent("wrong_type", f"price must be a number, got {type(value).__name__}")
-    price = float(value)
+    try:
+        price = float(value)
+    except OverflowError:    # an int beyond float range
+        raise InvalidEvent("bad_price", f"price is an integer of {value.bit_length()} bits, beyond float range") from None
     if not math.isfinite(price):
         raise InvalidEvent("bad_price", f"price {value} is not finite")
     if price < 0:
         raise InvalidEvent("bad_price", f"price {value} is negative")
-    return price
+    if price > MAX_PRICE:
+        raise InvalidEvent("bad_price", f"price {price:.3e} is above {MAX_PRICE:.0e}")
+    return price + 0.0      # -0.0 -> 0.0
 
 
 def validate(fields: Any) -> ClickEvent:
@@ -181,20 +226,50 @@ def validate(fields: Any) -> ClickEvent:
     )
 
 
+def _parse_int(digits: str) -> int:
+    if len(digits) > MAX_NUMBER_DIGITS + 1:    # + 1: a minus sign
+        raise InvalidEvent("bad_number", f"integer of {len(digits)} digits (the limit is {MAX_NUMBER_DIGITS})")
+    return int(digits)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise InvalidEvent("duplicate_field", f"key {twice!r:.60} appears more than once")
+    return fields
+
+
+# Built once: json.loads(raw, **hooks) would build a decoder per message.
+_JSON = json.JSONDecoder(parse_int=_parse_int, object_pairs_hook=_unique_keys)
+
+
 def decode(raw: bytes | str, max_bytes: int = MAX_MESSAGE_BYTES) -> ClickEvent:
-    """Wire bytes -> ClickEvent, or InvalidEvent naming what is wrong."""
+    """Wire bytes -> ClickEvent, or InvalidEvent naming what is wrong. Never raises
+    anything else, whatever `raw` holds."""
     if raw is None:
         raise InvalidEvent("empty_message", "message has no value")
+    if isinstance(raw, (bytearray, memoryview)):
+        raw = bytes(raw)
+    if not isinstance(raw, (bytes, str)):
+        raise InvalidEvent("undecodable", f"message value is {type(raw).__name__}, not bytes")
     size = len(raw)
     if size > max_bytes:
         raise InvalidEvent("oversized_message", f"message is {size} bytes, the limit is {max_bytes}")
-    if isinstance(raw, (bytes, bytearray)):
+    if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidEvent("undecodable", f"message is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if raw.startswith("\ufeff"):
+        raise InvalidEvent("invalid_json", "message starts with a byte-order mark; send UTF-8 without one")
     try:
-        fields = json.loads(raw)
+        fields = _JSON.decode(raw)
+    except InvalidEvent:
+        raise
+    except RecursionError:
+        raise InvalidEvent("too_deep", "message nests arrays/objects deeper than the parser allows") from None
     except ValueError as exc:
         raise InvalidEvent("invalid_json", f"message is not JSON ({exc})") from None
     return validate(fields)

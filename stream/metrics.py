@@ -49,6 +49,12 @@ EVENTS_SCORED = Counter(
 EVENTS_DEAD_LETTERED = Counter(
     "clickscore_events_dead_lettered", "input events sent to the dead-letter topic, by reason",
     ["reason"], registry=REGISTRY)
+INTERNAL_ERRORS = Counter(
+    "clickscore_internal_errors", "input events dead-lettered as internal_error, by exception type "
+    "(a bug to report: the event broke no rule we know)", ["exception"], registry=REGISTRY)
+OUTPUT_SEND_FAILURES = Counter(
+    "clickscore_output_send_failures", "output records whose delivery failed (each is retried; "
+    "the batch's offsets are not committed until all are delivered)", ["topic"], registry=REGISTRY)
 INFERENCE_SECONDS = Histogram(
     "clickscore_inference_seconds", "model call time per micro-batch",
     buckets=_FAST, registry=REGISTRY)

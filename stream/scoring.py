@@ -32,6 +32,10 @@ MODEL_FILE = "model.onnx"
 FEATURES_FILE = "features.json"
 CARD_FILE = "model_card.md"
 OUTPUT_NAMES = ("buy_probability", "next_item_scores")
+# Written by `clickscore export` since the top-k moved into the graph: only (B, k) indices
+# and scores leave the runtime when serving (padding and OOV masked, lower index first on
+# ties, k <= metadata top_k_max). Models exported before still load (top-k in numpy).
+TOP_K_OUTPUTS = ("top_items", "top_scores")
 REQUIRED_METADATA = ("schema_version", "window", "model_kind", "model_name", "model_version",
                      "vocab_hash", "heads", "input_names", "output_names", "n_items")
 
@@ -100,8 +104,11 @@ def check_metadata(meta: Mapping[str, str], artefacts: FeatureArtefacts, where: 
         problems.append(f"window {meta['window']} events (this code: {WINDOW})")
     if tuple(meta["input_names"].split(",")) != INPUT_NAMES:
         problems.append(f"input_names {meta['input_names']} (this code: {','.join(INPUT_NAMES)})")
-    if tuple(meta["output_names"].split(",")) != OUTPUT_NAMES:
-        problems.append(f"output_names {meta['output_names']} (this code: {','.join(OUTPUT_NAMES)})")
+    if tuple(meta["output_names"].split(",")) not in (OUTPUT_NAMES, OUTPUT_NAMES + TOP_K_OUTPUTS):
+        problems.append(f"output_names {meta['output_names']} (this code: {','.join(OUTPUT_NAMES)}"
+                        f"[,{','.join(TOP_K_OUTPUTS)}])")
+    if meta["output_names"].endswith(",".join(TOP_K_OUTPUTS)) and not meta.get("top_k_max", "").isdigit():
+        problems.append("output_names has the in-graph top-k but metadata lacks top_k_max")
     if meta["vocab_hash"] != artefacts.vocab_hash:
         problems.append(f"vocab_hash {meta['vocab_hash']} but {FEATURES_FILE} has {artefacts.vocab_hash} "
                         "(the vocabulary beside the model is not the one it was trained with)")
@@ -145,6 +152,8 @@ class ModelScorer:
             name=meta["model_name"], version=meta["model_version"], kind=meta["model_kind"],
             window=int(meta["window"]), vocab_hash=meta["vocab_hash"], n_items=int(meta["n_items"]),
             schema_version=int(meta["schema_version"]), provider=used, path=str(folder))
+        outputs = {o.name for o in self.session.get_outputs()}
+        self.top_k_max = int(meta["top_k_max"]) if set(TOP_K_OUTPUTS) <= outputs else 0
         log.info("model %s v%s (%s) on %s", self.info.name, self.info.version, self.info.kind, used)
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +164,13 @@ class ModelScorer:
 
     def score(self, windows: Sequence[np.ndarray], top_k: int = 20) -> ScoreBatch:
         """Session windows -> buy probability and the top-k next items (padding/OOV excluded)."""
-        buy, scores = self.predict(encode_windows(windows, self.artefacts))
+        inputs = encode_windows(windows, self.artefacts)
+        if top_k <= self.top_k_max:
+            # (B,) and (B, k_max) leave the runtime, never the (B, n_items) matrix.
+            feeds = {name: inputs[name] for name in INPUT_NAMES}
+            buy, items, scores = self.session.run(["buy_probability", *TOP_K_OUTPUTS], feeds)
+            return ScoreBatch(buy, items[:, :top_k], scores[:, :top_k])
+        buy, scores = self.predict(inputs)
         return ScoreBatch(buy, *top_k_items(scores, top_k))
 
     def item_ids(self, indices: np.ndarray) -> list[list[str]]:

@@ -67,6 +67,19 @@ def test_exported_model_loads_scores_and_carries_metadata(trained, yoochoose, ki
     batch = scorer.score(windows, top_k=20)
     assert batch.buy_probability.shape == (5,) and batch.top_items.shape == (5, 20)
     assert (batch.top_items >= 2).all()
+    # The top-k is taken inside the graph (only (B, k) leaves the runtime) and equals the
+    # full score matrix ranked in numpy; asking for more than top_k_max falls back to it.
+    assert meta["output_names"].endswith("top_items,top_scores") and scorer.top_k_max == int(meta["top_k_max"])
+    windows = [valid.rows[s:s + n] for s, n in zip(valid.window_start[:300], valid.window_length[:300])]
+    from stream.features import encode_windows
+    from stream.scoring import top_k_items
+    _, full = scorer.predict(encode_windows(windows, scorer.artefacts))
+    want_items, want_scores = top_k_items(full, 20)
+    got = scorer.score(windows, top_k=20)
+    assert np.abs(got.top_scores - want_scores).max() <= 1e-6
+    assert (got.top_items == want_items).mean() > 0.99
+    wide = scorer.score(windows[:3], top_k=scorer.top_k_max + 1)
+    assert wide.top_items.shape == (3, scorer.top_k_max + 1)
     card = (folder / "model_card.md").read_text()
     assert "clickscore prepare --dataset yoochoose" in card and "clickscore train" in card
     assert "Recall@20" in card and "parity" in card.lower()

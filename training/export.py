@@ -35,8 +35,9 @@ from torch import nn
 
 from stream.errors import ClickscoreError
 from stream.events import SCHEMA_VERSION
-from stream.features import INPUT_NAMES, WINDOW
-from stream.scoring import CARD_FILE, FEATURES_FILE, MODEL_FILE, OUTPUT_NAMES, ModelScorer
+from stream.features import INPUT_NAMES, ITEM_OFFSET, WINDOW
+from stream.scoring import (CARD_FILE, FEATURES_FILE, MODEL_FILE, OUTPUT_NAMES, TOP_K_OUTPUTS, ModelScorer,
+                            top_k_items)
 from training.checkpoint import load_checkpoint
 
 PARITY_FILE = "parity_inputs.npz"
@@ -107,12 +108,59 @@ def check_parity(wrapper: nn.Module, model_dir: str | Path, inputs: dict[str, np
     diffs = {"buy_probability": float(np.max(np.abs(np.concatenate(ort_buy) - torch_buy))),
              "next_item_scores": float(np.max(np.abs(np.concatenate(ort_scores) - torch_scores))),
              "windows": n}
+    if scorer.top_k_max:
+        # The in-graph top-k against the eager scores ranked in numpy: same scores; the
+        # same items wherever the scores are not within the tolerance of a tie.
+        k = scorer.top_k_max
+        want_items, want_scores = top_k_items(torch_scores, k)
+        got_items, got_scores = [], []
+        for i in range(0, n, 128):
+            feeds = {name: inputs[name][i:i + 128] for name in INPUT_NAMES}
+            _, items, top = scorer.session.run(["buy_probability", *TOP_K_OUTPUTS], feeds)
+            got_items.append(items)
+            got_scores.append(top)
+        got_items, got_scores = np.concatenate(got_items), np.concatenate(got_scores)
+        diffs["top_scores"] = float(np.max(np.abs(got_scores - want_scores)))
+        swapped = got_items != want_items
+        if swapped.any() and not np.all(np.abs(got_scores - want_scores)[swapped] <= tolerance):
+            diffs["top_scores"] = float("inf")
     bad = {k: v for k, v in diffs.items() if k != "windows" and not v <= tolerance}
     if bad:
         raise ExportError("parity check failed: onnxruntime and PyTorch differ by "
                           + ", ".join(f"{k} max |diff| {v:.3g}" for k, v in bad.items())
                           + f" on {n} real validation windows (tolerance {tolerance:g})")
     return diffs
+
+
+TOP_K_MAX = 100   # the most next items a worker may ask for (--top-k) from an exported model
+
+
+def add_top_k(model, k_max: int = TOP_K_MAX):
+    """Append the serving top-k to an exported graph: outputs `top_items` (B, k) int64 and
+    `top_scores` (B, k) float32 over the real items (padding and OOV sliced off, so never
+    chosen), best first; ONNX TopK breaks ties toward the lower index, as top_k_items
+    does. The full `next_item_scores` stays an output for offline evaluation, but the
+    worker fetches only these. Returns k (<= k_max, and <= the number of real items)."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    n_items = next(o for o in graph.output if o.name == "next_item_scores").type.tensor_type.shape.dim[1].dim_value
+    k = min(k_max, n_items - ITEM_OFFSET) if n_items else k_max
+    const = lambda name, values: helper.make_node(   # noqa: E731
+        "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
+    graph.node.extend([
+        const("topk_start", [ITEM_OFFSET]), const("topk_end", [2 ** 62]), const("topk_axis", [1]),
+        const("topk_k", [k]), const("topk_offset", [ITEM_OFFSET]),
+        helper.make_node("Slice", ["next_item_scores", "topk_start", "topk_end", "topk_axis"], ["real_item_scores"]),
+        helper.make_node("TopK", ["real_item_scores", "topk_k"], ["top_scores", "top_real_items"],
+                         axis=1, largest=1, sorted=1),
+        helper.make_node("Add", ["top_real_items", "topk_offset"], ["top_items"]),
+    ])
+    graph.output.extend([
+        helper.make_tensor_value_info("top_items", TensorProto.INT64, ["batch", k]),
+        helper.make_tensor_value_info("top_scores", TensorProto.FLOAT, ["batch", k]),
+    ])
+    return k
 
 
 def write_onnx(wrapper: nn.Module, path: Path, example: dict[str, np.ndarray], opset: int,
@@ -127,6 +175,8 @@ def write_onnx(wrapper: nn.Module, path: Path, example: dict[str, np.ndarray], o
                           output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, opset_version=opset,
                           do_constant_folding=True, dynamo=False)
     graph = onnx.load(str(path))
+    metadata["top_k_max"] = str(add_top_k(graph))
+    metadata["output_names"] = ",".join(OUTPUT_NAMES + TOP_K_OUTPUTS)
     del graph.metadata_props[:]
     for key, value in metadata.items():
         graph.metadata_props.add(key=key, value=str(value))
