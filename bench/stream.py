@@ -36,6 +36,7 @@ import numpy as np
 
 from bench.record import append_result, machine
 from bench.workerkit import CLICKSCORE, WorkerProcess, build_model, produce, read_topic
+from stream import lifecycle
 from stream.broker import EmbeddedBroker, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,14 +204,13 @@ def main(argv: list[str] | None = None) -> int:
 
         # Pass-through Faust agent on the same events and broker.
         sink = f"bench-pass-{run}"
-        pass_proc = subprocess.Popen([sys.executable, "-m", "bench.stream", "--passthrough-worker", broker,
-                                      topics["input"], sink, str(free_port())], cwd=REPO,
-                                     stdout=open(work / "passthrough.log", "wb"), stderr=subprocess.STDOUT)
+        pass_proc = lifecycle.spawn([sys.executable, "-m", "bench.stream", "--passthrough-worker", broker,
+                                     topics["input"], sink, str(free_port())], cwd=REPO,
+                                    stdout=open(work / "passthrough.log", "wb"), stderr=subprocess.STDOUT)
         try:
             forwarded = read_topic(broker, sink, lambda r: len(r) >= len(events), timeout=1800, settle=0)
         finally:
-            pass_proc.terminate()
-            pass_proc.wait(timeout=30)
+            lifecycle.stop_child(pass_proc, grace_s=lifecycle.STOP_DEADLINE_S)
         passthrough = throughput(forwarded[:len(saturated)])
 
     result = {
@@ -232,4 +232,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # SIGTERM/SIGINT/SIGHUP abandon the run; the `with` blocks stop the worker and the
+    # broker on the way out (and they die with this process even if it is SIGKILLed).
+    lifecycle.install()
+    try:
+        with lifecycle.interruptible():
+            sys.exit(main())
+    except lifecycle.StopRequested:
+        sys.exit(lifecycle.EXIT_OK)

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from stream import lifecycle
+
 BIN = Path(sys.executable).parent
 CLICKSCORE = str(BIN / "clickscore")
 NO_TORCH = Path(__file__).resolve().parents[1] / "tests" / "no_torch"   # sitecustomize that blocks torch
@@ -60,7 +62,8 @@ class WorkerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # Run the worker as if torch were not installed: serving must not need it.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NO_TORCH), env.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # Dies with the test or benchmark (parent-death SIGTERM), in its own process group.
+        self.proc = lifecycle.spawn(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         return self
 
@@ -73,12 +76,9 @@ class WorkerProcess:
             self.proc.wait()
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        """SIGTERM (its own stop is bounded by lifecycle.STOP_DEADLINE_S), SIGKILL after `timeout`."""
+        if self.proc is not None:
+            lifecycle.stop_child(self.proc, grace_s=timeout)
 
     def __enter__(self) -> "WorkerProcess":
         return self.start()

@@ -440,7 +440,27 @@ def broker_credentials(settings: Settings):
 
 def run(args: argparse.Namespace) -> int:
     """`clickscore worker`: load and check the model first (a bad model exits 2 at once),
-    create missing topics, then run the Faust worker until SIGINT/SIGTERM."""
+    create missing topics, then run the Faust worker until SIGTERM, SIGINT or SIGHUP.
+
+    Stopping (stream/lifecycle.py): during set-up a signal abandons it (exit 0); once
+    Faust runs, its own stop stops consuming, flushes the producer and commits the
+    acked offsets (exit 0); whatever is still stopping STOP_DEADLINE_S after the signal
+    (a broker that is gone) is cut short with exit 124: the uncommitted rest is
+    re-delivered to the next worker, as after a crash."""
+    from stream import lifecycle
+
+    lifecycle.install()
+    try:
+        with lifecycle.interruptible():
+            return _run_worker(args)
+    except lifecycle.StopRequested:
+        log.info("stopped during set-up")
+        return lifecycle.EXIT_OK
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from stream import lifecycle
+
     settings = settings_from_args(args)
     if settings.store.startswith("rocksdb"):
         try:
@@ -471,6 +491,8 @@ def run(args: argparse.Namespace) -> int:
              settings.app_id, settings.input_topic, settings.scores_topic, settings.next_items_topic,
              settings.dlq_topic, partitions, settings.store, settings.web_port)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    # Faust's loop takes the signals over once it starts (our set-up handler until then).
+    lifecycle.bound_faust_worker(worker)   # SIGHUP, and the hard deadline on Faust's stop
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

@@ -18,10 +18,9 @@ import logging
 import signal
 import socket
 import subprocess
-import threading
 import time
-from types import FrameType
 
+from stream import lifecycle
 from stream.errors import ClickscoreError
 from stream.settings import DEFAULT_BROKER_PORT
 
@@ -29,7 +28,9 @@ log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 10.0
+# Tansu ignores SIGTERM while clients are connected; it keeps everything in memory
+# only, so a SIGKILL after this grace period loses nothing a clean stop would keep.
+STOP_TIMEOUT_S = 2.0
 
 
 def free_port(host: str = HOST) -> int:
@@ -73,9 +74,11 @@ class EmbeddedBroker:
             raise ClickscoreError(f"{self.bootstrap} is already in use (another broker running?); "
                                   "choose another --port")
         url = f"tcp://{self.host}:{self.port}"
-        self.process = subprocess.Popen(
+        # Dies with us (parent-death SIGKILL), in its own process group.
+        self.process = lifecycle.spawn(
             [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=self.log_file, stderr=self.log_file, stdin=subprocess.DEVNULL)
+            death_signal=signal.SIGKILL, stdout=self.log_file, stderr=self.log_file,
+            stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not port_answers(self.host, self.port):
             if self.process.poll() is not None:
@@ -90,15 +93,9 @@ class EmbeddedBroker:
         return self.bootstrap
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after STOP_TIMEOUT_S (or less, near a stop deadline)."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        lifecycle.stop_child(proc, grace_s=min(STOP_TIMEOUT_S, lifecycle.child_grace_s()))
 
     def __enter__(self) -> str:
         return self.start()
@@ -116,24 +113,19 @@ def _port_of(bootstrap: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`clickscore broker`: run until Ctrl-C or SIGTERM, then stop the child."""
+    """`clickscore broker`: run until SIGTERM, SIGINT or SIGHUP, then stop the child
+    (SIGKILL after STOP_TIMEOUT_S if it ignores SIGTERM); exit 0 (stream/lifecycle.py)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     port = args.port or _port_of(args.broker)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = lifecycle.install()
     broker = EmbeddedBroker(port)
     try:
         print(broker.start(), flush=True)   # the bootstrap address, for scripts to read
         while not stop.wait(0.5):
             if broker.process is not None and broker.process.poll() is not None:
-                raise ClickscoreError(f"the embedded broker exited with status {broker.process.returncode}")
+                log.error("the embedded broker exited with status %d", broker.process.returncode)
+                return lifecycle.EXIT_FAILURE
         log.info("stopping the embedded broker")
-        return 0
+        return lifecycle.EXIT_OK
     finally:
         broker.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

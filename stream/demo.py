@@ -4,7 +4,9 @@
     clickscore demo --duration 30 --rate 300
     clickscore demo --input data/yoochoose --dataset prepared
 
-What it starts, in order, and stops again on exit (Ctrl-C included):
+What it starts, in order, and stops again on exit (SIGINT/Ctrl-C, SIGTERM and SIGHUP
+included, within the deadline of stream/lifecycle.py; the children die with the demo
+even when it is SIGKILLed):
 1. the embedded broker (Tansu) on a free loopback port;
 2. a worker, `clickscore worker` as a child process with the model (--model), its own
    app id, web and metrics ports, and fast consumer-group timing;
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stream import lifecycle
 from stream.errors import ClickscoreError
 from stream.settings import Settings, settings_from_args
 
@@ -193,26 +195,17 @@ def start_worker(settings: Settings, workdir: Path) -> tuple[subprocess.Popen, P
                "--heartbeat-interval-ms", "1000", "--rebalance-timeout-ms", "6000",
                "--execution-provider", settings.execution_provider, "--log-level", settings.log_level]
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        # Dies with the demo, in its own process group. SIGKILL, because its broker dies
+        # with the demo too: an orderly stop could commit nothing and would wait 10 s.
+        process = lifecycle.spawn(command, death_signal=signal.SIGKILL, cwd=REPO, stdout=log_file,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     return process, log_path
 
 
-def stop_process_group(process: subprocess.Popen | None, timeout: float = 15.0) -> None:
-    if process is None or process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=5)
+def stop_process_group(process: subprocess.Popen | None, timeout: float | None = None) -> None:
+    """SIGTERM the worker's group; SIGKILL once `timeout` (default: what the stop
+    deadline leaves, at most lifecycle.CHILD_GRACE_S) has passed."""
+    lifecycle.stop_child(process, grace_s=timeout)
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -353,28 +346,30 @@ def demo(settings: Settings, *, input_path: str | None, dataset: str, sessions: 
     summary: dict[str, Any] = {"ok": False}
     worker = reader = None
     broker_proc = EmbeddedBroker()
+    stopping = lifecycle.stopping()
     with tempfile.TemporaryDirectory(prefix="clickscore-demo-") as tmp:
         workdir = Path(tmp)
         try:
-            bootstrap = broker_proc.start()
-            settings = settings.with_(
-                broker=bootstrap, app_id=f"demo-{uuid.uuid4().hex[:8]}", web_port=_free_port(),
-                metrics_port=_free_port())
-            source = Path(input_path) if input_path else simulate_log(workdir, sessions, seed)
-            log = load(source, dataset)
-            log_events = select(log.events)
-            # Created here, before anything produces, so no client auto-creates it with
-            # the broker's default partition count.
-            ensure_topic(settings, settings.input_topic, settings.partitions)
-            worker, worker_log = start_worker(settings, workdir)
-            summary.update(broker=bootstrap, broker_pid=broker_proc.process.pid, worker_pid=worker.pid,
-                           web_port=settings.web_port, metrics_port=settings.metrics_port, input=str(source))
-            outputs = Outputs()
-            sent_at: dict[str, float] = {}
-            sent_times: deque = deque(maxlen=1_000_000)
-            reader = OutputReader(settings, outputs, sent_at)
-            reader.start()
-            summary["warmup_s"] = round(send_warmup(settings, outputs, worker, worker_log), 1)
+            with lifecycle.interruptible():   # a signal during set-up abandons it (finally stops all)
+                bootstrap = broker_proc.start()
+                settings = settings.with_(
+                    broker=bootstrap, app_id=f"demo-{uuid.uuid4().hex[:8]}", web_port=_free_port(),
+                    metrics_port=_free_port())
+                source = Path(input_path) if input_path else simulate_log(workdir, sessions, seed)
+                log = load(source, dataset)
+                log_events = select(log.events)
+                # Created here, before anything produces, so no client auto-creates it with
+                # the broker's default partition count.
+                ensure_topic(settings, settings.input_topic, settings.partitions)
+                worker, worker_log = start_worker(settings, workdir)
+                summary.update(broker=bootstrap, broker_pid=broker_proc.process.pid, worker_pid=worker.pid,
+                               web_port=settings.web_port, metrics_port=settings.metrics_port, input=str(source))
+                outputs = Outputs()
+                sent_at: dict[str, float] = {}
+                sent_times: deque = deque(maxlen=1_000_000)
+                reader = OutputReader(settings, outputs, sent_at)
+                reader.start()
+                summary["warmup_s"] = round(send_warmup(settings, outputs, worker, worker_log), 1)
 
             stop = threading.Event()
 
@@ -400,7 +395,7 @@ def demo(settings: Settings, *, input_path: str | None, dataset: str, sessions: 
             replayer.start()
             interrupted = False
             try:
-                while time.monotonic() - started < duration and replayer.is_alive():
+                while time.monotonic() - started < duration and replayer.is_alive() and not stopping.is_set():
                     if worker.poll() is not None:
                         raise ClickscoreError(f"the worker exited with status {worker.returncode}; "
                                               f"its log ends:\n{tail(worker_log)}")
@@ -410,12 +405,14 @@ def demo(settings: Settings, *, input_path: str | None, dataset: str, sessions: 
                     else:
                         sys.stdout.write(frame.splitlines()[2] + "\n")
                     sys.stdout.flush()
-                    time.sleep(refresh_s if ansi else max(refresh_s, 5.0))
+                    stopping.wait(refresh_s if ansi else max(refresh_s, 5.0))
             except KeyboardInterrupt:
                 interrupted = True
+            # Stopped by a signal: no drain, and every wait below fits in the stop deadline.
+            interrupted = interrupted or stopping.is_set()
             stop.set()
-            replayer.join(timeout=30)
-            deadline = time.monotonic() + DRAIN_S
+            replayer.join(timeout=min(30.0, max(0.1, lifecycle.remaining_s(30.0) - 6.0)))
+            deadline = time.monotonic() + (0.0 if stopping.is_set() else DRAIN_S)
             while time.monotonic() < deadline:
                 with outputs.lock:
                     if outputs.next_item_lists >= len(sent_times):
@@ -442,8 +439,8 @@ def demo(settings: Settings, *, input_path: str | None, dataset: str, sessions: 
         finally:
             if reader is not None:
                 reader.stop.set()
-                reader.join(timeout=10)
-            stop_process_group(worker)
+                reader.join(timeout=min(10.0, lifecycle.remaining_s(10.0) / 4))
+            stop_process_group(worker)   # the worker first: it still talks to the broker
             broker_proc.stop()
     return summary
 
@@ -470,17 +467,25 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`clickscore demo`. SIGTERM, SIGINT or SIGHUP end it early like the end of
+    --duration (summary printed, worker and broker stopped; exit 0), within the stop
+    deadline of stream/lifecycle.py; during set-up they abandon it (exit 0)."""
     settings = settings_from_args(args)
-    summary = demo(settings, input_path=args.input, dataset=args.dataset, sessions=args.sessions,
-                   seed=args.seed, duration=args.duration, rate=args.rate, speed=args.speed,
-                   refresh_s=args.refresh_s, view=args.view, top=args.top)
+    lifecycle.install()
+    try:
+        summary = demo(settings, input_path=args.input, dataset=args.dataset, sessions=args.sessions,
+                       seed=args.seed, duration=args.duration, rate=args.rate, speed=args.speed,
+                       refresh_s=args.refresh_s, view=args.view, top=args.top)
+    except lifecycle.StopRequested:
+        print("clickscore demo: stopped before the replay began; broker and worker stopped", file=sys.stderr)
+        return lifecycle.EXIT_OK
     print(format_summary(summary))
     if args.json:
         print(json.dumps(summary))
     if summary.get("replay_error"):
         print(f"clickscore demo: error: the replay failed: {summary['replay_error']}", file=sys.stderr)
         return 1
-    if not summary["ok"]:
+    if not summary["ok"] and not lifecycle.stopping().is_set():
         print("clickscore demo: error: no scores arrived from the worker", file=sys.stderr)
         return 1
     return 0

@@ -424,7 +424,12 @@ def replay(input_path: str | Path, topic: str = "clicks", *, settings: Settings 
                 break
             wait = due - (time.monotonic() - start)
             if wait > 0:
-                time.sleep(wait)
+                if stop is not None:
+                    if stop.wait(wait):   # a stop ends a long gap at once
+                        stopped = True
+                        break
+                else:
+                    time.sleep(wait)
             if restamp:
                 stamp = wall_start_ms + due * 1000.0 if paced else time.time() * 1000.0
                 event = _restamped(event, int(round(stamp)))
@@ -450,11 +455,18 @@ def replay(input_path: str | Path, topic: str = "clicks", *, settings: Settings 
     except KeyboardInterrupt:
         stopped = True
     finally:
+        # Stopping on a signal: what is still unacknowledged when the stop deadline
+        # nears is reported as failed, not waited for (stream/lifecycle.py).
+        from stream import lifecycle
+        flush_timeout_s = min(flush_timeout_s, max(0.1, lifecycle.remaining_s(flush_timeout_s) - 4.0))
         try:
             producer.flush(timeout=flush_timeout_s)
         except KafkaError:
             pass    # counted below as not acknowledged
-        producer.close(timeout=5)
+        try:
+            producer.close(timeout=min(5.0, max(0.1, lifecycle.remaining_s(5.0) - 3.0)))
+        except KafkaError:
+            pass    # close flushes again and raises when the broker is gone: already counted
         if bar is not None:
             bar.close()
     with deliveries.lock:
@@ -484,7 +496,7 @@ def replay(input_path: str | Path, topic: str = "clicks", *, settings: Settings 
         }
     if unanswered and len(summary["failures"]) < EXAMPLES:
         summary["failures"].append({"event": None, "error": f"{unanswered} sends not acknowledged "
-                                                            f"within the flush timeout of {flush_timeout_s} s"})
+                                                            f"within the flush timeout of {flush_timeout_s:.1f} s"})
     if sent_calls > 1 and last_send > first_send:
         # n events span n-1 intervals from the first send to the last.
         summary["rate_eps"] = round((sent_calls - 1) / (last_send - first_send), 1)
@@ -526,7 +538,12 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`clickscore replay`. SIGTERM, SIGINT or SIGHUP stop it after the current send:
+    it flushes what it sent (within the stop deadline), prints the summary with the
+    count acknowledged and the --skip to resume with, and exits 0 (1 if a send failed)."""
+    from stream import lifecycle
     settings = settings_from_args(args)
+    stop = lifecycle.install()
     summary = replay(
         args.input, args.topic, settings=settings, dataset=args.dataset,
         session_gap_minutes=args.session_gap_minutes, speed=args.speed, rate=args.rate,
@@ -534,7 +551,7 @@ def run(args: argparse.Namespace) -> int:
         skip=args.skip, limit=args.limit, partitions=args.partitions,
         replication_factor=args.replication_factor, linger_ms=args.linger_ms,
         batch_bytes=args.producer_batch_bytes, retries=args.retries,
-        delivery_timeout_ms=args.delivery_timeout_ms, progress=args.progress)
+        delivery_timeout_ms=args.delivery_timeout_ms, progress=args.progress, stop=stop)
     if args.json:
         print(json.dumps(summary))
     else:

