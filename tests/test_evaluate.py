@@ -74,7 +74,8 @@ def test_evaluate_real_buy_labels(diginetica, tmp_path):
     assert result["recall_at_20"] <= 1.0 - result["test_targets_oov_share"]
 
     baselines = result["baselines"]
-    assert set(baselines) == {"popular", "sknn", "aggregates_gbm", "aggregates_logistic"}
+    assert set(baselines) == {"popular", "sknn", "vsknn", "stan", "vstan", "sr", "aggregates_gbm",
+                              "aggregates_logistic"}
     for name in ("popular", "sknn"):
         assert unit(baselines[name]["recall_at_20"]) and unit(baselines[name]["mrr_at_20"])
     assert baselines["sknn"]["recall_at_20"] > baselines["popular"]["recall_at_20"]

@@ -40,7 +40,8 @@ Baselines, fitted on the same folder's train split, plus valid when evaluating o
 test (train+valid is session-rec's train_full for yoochoose; `--baseline-train train`
 to use train only): most-popular items and session-kNN (SKNN) for next item, each
 ranking against the full catalogue of items it saw, unseen targets again misses;
-gradient boosting and logistic regression on hand-made prefix aggregates for buy,
+V-SKNN, STAN, VSTAN and sequential rules (training/knn.py, session-rec's parameters
+for rsc15); gradient boosting and logistic regression on hand-made prefix aggregates for buy,
 scored on the very same buy examples. See training/baselines.py.
 
 Data/model fit: evaluation refuses (ClickscoreError) a folder whose dataset differs
@@ -69,6 +70,7 @@ from stream.features import INPUT_NAMES, ITEM_OFFSET, WINDOW, FeatureArtefacts, 
 from training import metrics
 from training.baselines import (AggregateBuyModel, ItemBuyStats, ItemCatalogue, Popular, SessionKNN,
                                 prefix_aggregates)
+from training.knn import NeighbourScorer, SequentialRules
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +337,13 @@ def run_baselines(events: pl.DataFrame, split: str, baseline_train: str, session
     knn = SessionKNN().fit(train["session_id"].to_numpy(), train["item_id"].to_numpy(),
                            train["timestamp"].to_numpy(), catalogue)
     out["sknn"] = next_item_metrics(knn.next_item_ranks(per_session, raw))
+    # V-SKNN, STAN, VSTAN and SR (training/knn.py), with session-rec's rsc15 parameters.
+    times = [sessions.timestamps[a:b] for a, b in zip(sessions.starts[:-1], sessions.starts[1:])]
+    fit_args = (train["session_id"].to_numpy(), train["item_id"].to_numpy())
+    for name in ("vsknn", "stan", "vstan"):
+        scorer = getattr(NeighbourScorer, name)().fit(*fit_args, train["timestamp"].to_numpy(), catalogue)
+        out[name] = next_item_metrics(scorer.next_item_ranks(per_session, raw, times))
+    out["sr"] = next_item_metrics(SequentialRules().fit(*fit_args, catalogue).next_item_ranks(per_session))
     log.info("next-item baselines in %.1f s", time.monotonic() - started)
 
     probabilities: dict[str, np.ndarray] = {}
