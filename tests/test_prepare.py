@@ -157,8 +157,10 @@ def test_yoochoose_100k_with_buys_is_the_labelled_split(tmp_path, capsys):
             sessions |= {row["SessionId"] for row in csv.DictReader(handle, delimiter="\t")
                          if int(row["SessionId"]) < 22_000}
     kept = [row for row in buys if row[0] in sessions]
-    assert stats["buys_left_out"]["events"] == len(buys) - len(kept)
-    assert stats["buys_left_out"]["sessions"] == len({row[0] for row in buys if row[0] not in sessions})
+    below = [row for row in buys if int(row[0]) < 22_000]
+    assert stats["buys_not_below_complete_buys"] == len(buys) - len(below)
+    assert stats["buys_left_out"]["events"] == len(below) - len(kept)
+    assert stats["buys_left_out"]["sessions"] == len({row[0] for row in below if row[0] not in sessions})
     transactions = events.filter(pl.col("event_type") == "transaction")
     assert transactions.height == len(kept)
     # Buys keep their own raw UTC times and prices (0 = unknown).

@@ -236,6 +236,9 @@ def run(args: argparse.Namespace) -> int:
     if left_out:
         print(f"buys left out (session not in the clicks): {left_out['events']:,} buy events "
               f"of {left_out['sessions']:,} sessions")
+    if stats.get("buys_not_below_complete_buys"):
+        print(f"buys left out (session id not below --complete-buys-below): "
+              f"{stats['buys_not_below_complete_buys']:,}")
     if stats.get("dropped_purchases_without_views"):
         print(f"dropped purchases without views: {stats['dropped_purchases_without_views']:,}")
     malformed = stats.get("malformed_rows")

@@ -92,16 +92,9 @@ def read_raw(clicks_path: Path, buys_path: Path | None, notes: dict | None = Non
             _epoch_ms("time").alias("timestamp"),
         )
     )
-    if complete_buys_below is not None:
-        outside = clicks.filter(pl.col("session") >= complete_buys_below)
-        events, sessions = outside.select(pl.len(), pl.col("session").n_unique()).collect().row(0)
-        count_dropped(notes, "session_not_below_complete_buys", events)
-        if notes is not None:
-            notes["complete_buys_below"] = complete_buys_below
-            notes["sessions_not_below_complete_buys"] = int(sessions)
-        clicks = keep_complete_buys(clicks, complete_buys_below, "session")
+    clicks = limit_sessions(clicks, complete_buys_below, notes)
     if buys_path is not None:
-        clicks = join_buys(clicks, buy_events(buys_path, notes), notes)
+        clicks = join_buys(clicks, buy_events(buys_path, notes), notes, complete_buys_below)
     frame = canonical(clicks.with_columns(
         pl.col("session").cast(pl.String).alias("session_id"),
         pl.col("item").cast(pl.String).alias("item_id"),
@@ -126,12 +119,19 @@ def buy_events(buys_path: Path, notes: dict | None = None) -> pl.LazyFrame:
         ))
 
 
-def join_buys(clicks: pl.LazyFrame, buys: pl.LazyFrame, notes: dict | None = None) -> pl.LazyFrame:
+def join_buys(clicks: pl.LazyFrame, buys: pl.LazyFrame, notes: dict | None = None,
+              complete_buys_below: int | None = None) -> pl.LazyFrame:
     """Clicks + the buys of sessions that have clicks; the other buys are counted, not kept.
 
     Both frames carry an Int64 `session`; clicks come first, so a buy and a click at the
-    same millisecond keep the file order (click, then buy).
+    same millisecond keep the file order (click, then buy). Buys of sessions at or above
+    `complete_buys_below` are counted apart (their sessions were left out on purpose).
     """
+    if complete_buys_below is not None:
+        above = buys.filter(pl.col("session") >= complete_buys_below).select(pl.len()).collect().item()
+        if notes is not None:
+            notes["buys_not_below_complete_buys"] = int(above)
+        buys = buys.filter(pl.col("session") < complete_buys_below)
     sessions = clicks.select(pl.col("session").unique())
     kept = buys.join(sessions, on="session", how="semi")
     left_out = buys.join(sessions, on="session", how="anti").select(
@@ -142,21 +142,18 @@ def join_buys(clicks: pl.LazyFrame, buys: pl.LazyFrame, notes: dict | None = Non
     return pl.concat([clicks, kept], how="diagonal_relaxed")
 
 
-def keep_complete_buys(events: pl.LazyFrame, below: int | None, column: str = "SessionId") -> pl.LazyFrame:
-    """Only sessions with id < `below` (None: all), the range where the buys are complete."""
-    return events if below is None else events.filter(pl.col(column) < below)
-
-
-def _count_outside(paths: dict[str, Path], below: int, notes: dict | None) -> None:
-    """notes: clicks and sessions left out by --complete-buys-below."""
-    if notes is None:
-        return
-    frames = [_scan_prepared(paths[suffix], None) for suffix in ("_train_full.txt", "_test.txt")]
-    outside = pl.concat(frames).filter(pl.col("SessionId") >= below)
-    events, sessions = outside.select(pl.len(), pl.col("SessionId").n_unique()).collect().row(0)
+def limit_sessions(clicks: pl.LazyFrame, below: int | None, notes: dict | None = None) -> pl.LazyFrame:
+    """Only the clicks of sessions with id < `below` (None: all), the range where the
+    buys are complete; the others are counted in notes."""
+    if below is None:
+        return clicks
+    events, sessions = clicks.filter(pl.col("session") >= below).select(
+        pl.len(), pl.col("session").n_unique()).collect().row(0)
     count_dropped(notes, "session_not_below_complete_buys", events)
-    notes["complete_buys_below"] = below
-    notes["sessions_not_below_complete_buys"] = int(sessions)
+    if notes is not None:
+        notes["complete_buys_below"] = below
+        notes["sessions_not_below_complete_buys"] = int(sessions)
+    return clicks.filter(pl.col("session") < below)
 
 
 def _prepared_prefix(folder: Path, given: Path | None) -> str:
@@ -198,16 +195,17 @@ def read_prepared(folder: Path, prefix: str, notes: dict | None = None, buys_pat
         if not paths[suffix].is_file():
             raise ClickscoreError(f"{paths[suffix]} is missing: session-rec data needs both "
                                   f"{prefix}_train_full.txt and {prefix}_test.txt")
-    full = keep_complete_buys(_scan_prepared(paths["_train_full.txt"], notes), complete_buys_below)
-    test = keep_complete_buys(_scan_prepared(paths["_test.txt"], notes), complete_buys_below)
+    full = _scan_prepared(paths["_train_full.txt"], notes)
+    test = _scan_prepared(paths["_test.txt"], notes)
     clicks = pl.concat([full, test]).select(
         pl.col("SessionId").alias("session"), pl.lit("view").alias("event_type"), pl.col("ItemId").alias("item"),
         # Seconds with ms decimals; round, not truncate, to undo float error; +2 h back to UTC.
         ((pl.col("Time") * 1000).round(0).cast(pl.Int64) + PREPARED_UTC_OFFSET_MS).alias("timestamp"))
-    if complete_buys_below is not None:
-        _count_outside(paths, complete_buys_below, notes)
+    clicks = limit_sessions(clicks, complete_buys_below, notes)
     if buys_path is not None:
-        clicks = join_buys(clicks, buy_events(buys_path, notes), notes)
+        clicks = join_buys(clicks, buy_events(buys_path, notes), notes, complete_buys_below)
+    if complete_buys_below is not None:
+        full, test = (frame.filter(pl.col("SessionId") < complete_buys_below) for frame in (full, test))
     events = canonical(clicks.with_columns(
         pl.col("session").cast(pl.String).alias("session_id"),
         pl.col("item").cast(pl.String).alias("item_id"),
