@@ -34,6 +34,19 @@ def _prepare(p: argparse.ArgumentParser) -> None:
                    help="validation = sessions starting in the N days before test (default: as --test-days)")
     add_env_option(p, "--session-gap-minutes", "CLICKSCORE_SESSION_GAP_MINUTES", type=float, default=30.0,
                    help="inactivity gap that starts a new session, for logs without session ids")
+    add_env_option(p, "--buys", "CLICKSCORE_BUYS", default="",
+                   help="yoochoose: buys file to join onto the clicks (default: yoochoose-buys.dat "
+                        "beside them, if any); buys of sessions without clicks are counted and left out")
+    add_env_option(p, "--complete-buys-below", "CLICKSCORE_COMPLETE_BUYS_BELOW", type=int, default=None,
+                   help="yoochoose: keep only sessions with id below N, where the buys file is complete "
+                        "(22000 for the shared buys head; docs/data.md)")
+    add_env_option(p, "--split", "CLICKSCORE_SPLIT", choices=("auto", "random"), default="auto",
+                   help="auto: the published split, else temporal; random: seeded random split by "
+                        "session (short logs, e.g. the REES46 head)")
+    add_env_option(p, "--split-seed", "CLICKSCORE_SPLIT_SEED", type=int, default=0,
+                   help="seed of --split random")
+    add_env_option(p, "--random-split-share", "CLICKSCORE_RANDOM_SPLIT_SHARE", type=float, default=0.2,
+                   help="--split random: share of sessions in test, and again in valid")
 
 
 def _simulate(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import BIN
@@ -74,7 +75,8 @@ def test_evaluate_real_buy_labels(diginetica, tmp_path):
     assert result["recall_at_20"] <= 1.0 - result["test_targets_oov_share"]
 
     baselines = result["baselines"]
-    assert set(baselines) == {"popular", "sknn", "aggregates_gbm", "aggregates_logistic"}
+    assert set(baselines) == {"popular", "sknn", "vsknn", "stan", "vstan", "sr", "aggregates_gbm",
+                              "aggregates_logistic"}
     for name in ("popular", "sknn"):
         assert unit(baselines[name]["recall_at_20"]) and unit(baselines[name]["mrr_at_20"])
     assert baselines["sknn"]["recall_at_20"] > baselines["popular"]["recall_at_20"]
@@ -143,3 +145,18 @@ def test_refuses_a_foreign_vocabulary_even_without_dataset_names(diginetica, yoo
     own, own_stats = load_prepared(diginetica[0])
     share = check_fit(model, own.filter(pl.col("split") == "test"), own_stats, "diginetica")
     assert 0.0 < share < 0.9
+
+
+def test_tune_gbm_picks_the_best_valid_auc_of_its_grid():
+    """The LightGBM grid search scores every grid point on valid and returns the best."""
+    from training.baselines import tune_gbm
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1200, 3))
+    y = (x[:, 0] + 0.5 * rng.normal(size=1200) > 1.0).astype(int)     # signal in column 0
+    grid = {"num_leaves": (3, 7), "n_estimators": (5, 50)}
+    best, trials = tune_gbm(x[:800], y[:800], x[800:], y[800:], seed=0, grid=grid)
+    assert len(trials) == 4 and {tuple(t["params"].items()) for t in trials} == {
+        (("num_leaves", a), ("n_estimators", b)) for a in (3, 7) for b in (5, 50)}
+    assert best == max(trials, key=lambda t: t["valid_auc"])["params"]
+    assert max(t["valid_auc"] for t in trials) > 0.8

@@ -69,8 +69,9 @@ def test_yoochoose_100k_keeps_the_published_split(tmp_path):
     assert (splits["train"]["events"], splits["train"]["sessions"]) == (53_254, 13_629)
     assert stats["buying_sessions"] == 0 and events["category_id"].null_count() == events.height
     assert events["price"].null_count() == events.height
+    # Session 1's first click, raw 2014-04-07T10:51:09.277Z: the -2 h of session-rec undone.
     first = events.filter(pl.col("session_id") == "1").head(1)
-    assert first["timestamp"].item() == 1396860669277 and first["split"].item() == "test"
+    assert first["timestamp"].item() == 1396867869277 and first["split"].item() == "test"
 
 
 @needs_samples
@@ -109,6 +110,111 @@ def test_yoochoose_raw_clicks_and_buys(tmp_path):
     assert sorted(events["category_id"].drop_nulls().unique()) == ["2053013552", "3", "S"]
     assert stats["test_items_unseen_in_train"] == 1           # 214999999, kept
     assert stats["test_events_unseen_item_share"] == 0.5
+
+
+def _utc_ms(text: str) -> int:
+    from datetime import datetime, timezone
+    moment = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    return round(moment.timestamp() * 1000)
+
+
+@needs_samples
+def test_yoochoose_prepared_times_align_with_raw_clicks(tmp_path):
+    """Every click of a session in both the raw head and session-rec's split lands on its
+    raw UTC time (session-rec kept the session ids; it dropped rare items, so compare
+    the prepared clicks against the raw ones of the same session and item)."""
+    raw: dict[tuple[str, str], list[int]] = {}
+    with open(DATASETS / "yoochoose-raw" / "yoochoose-clicks.dat", newline="") as handle:
+        rows = list(csv.reader(handle))
+    for session, time, item, _ in rows:
+        raw.setdefault((session, item), []).append(_utc_ms(time))
+    prepare("yoochoose", YOOCHOOSE_100K, tmp_path)
+    events, _ = load(tmp_path)
+    # The head's last session is cut short by the head: left out.
+    raw_sessions = {session for session, _ in raw} - {rows[-1][0]}
+    shared = events.filter(pl.col("session_id").is_in(list(raw_sessions)))
+    assert shared["session_id"].n_unique() > 500            # enough overlap to mean something
+    for session, item, timestamp in shared.select("session_id", "item_id", "timestamp").iter_rows():
+        assert timestamp in raw[(session, item)], (session, item, timestamp)
+
+
+@needs_samples
+def test_yoochoose_100k_with_buys_is_the_labelled_split(tmp_path, capsys):
+    buys_file = DATASETS / "yoochoose-raw" / "yoochoose-buys.dat"
+    stats = prepare("yoochoose", YOOCHOOSE_100K, tmp_path, buys=buys_file, complete_buys_below=22_000)
+    events, written = load(tmp_path)
+    check_contract(events, written)
+    # The datasets README: 14,732 sessions below 22,000, 1,070 of them buy.
+    assert (stats["sessions"], stats["buying_sessions"]) == (14_732, 1_070)
+    assert stats["split_method"] == "published"
+    assert (events["session_id"].cast(pl.Int64) < 22_000).all()
+    # Recomputed with the csv module: buys whose session has no click in the split.
+    with open(buys_file, newline="") as handle:
+        buys = [row for row in csv.reader(handle)]
+    sessions = set()
+    for name in ("yoochoose-clicks-100k_train_full.txt", "yoochoose-clicks-100k_test.txt"):
+        with open(YOOCHOOSE_100K / name, newline="") as handle:
+            sessions |= {row["SessionId"] for row in csv.DictReader(handle, delimiter="\t")
+                         if int(row["SessionId"]) < 22_000}
+    kept = [row for row in buys if row[0] in sessions]
+    below = [row for row in buys if int(row[0]) < 22_000]
+    assert stats["buys_not_below_complete_buys"] == len(buys) - len(below)
+    assert stats["buys_left_out"]["events"] == len(below) - len(kept)
+    assert stats["buys_left_out"]["sessions"] == len({row[0] for row in below if row[0] not in sessions})
+    transactions = events.filter(pl.col("event_type") == "transaction")
+    assert transactions.height == len(kept)
+    # Buys keep their own raw UTC times and prices (0 = unknown).
+    expected = sorted((row[0], row[2], _utc_ms(row[1]), float(row[3]) if float(row[3]) > 0 else None)
+                      for row in kept)
+    got = sorted(transactions.select("session_id", "item_id", "timestamp", "price").iter_rows())
+    assert got == expected
+    assert stats["dropped_events"]["session_not_below_complete_buys"] > 0
+
+
+def test_yoochoose_buys_options_fail_clearly(tmp_path):
+    with pytest.raises(ClickscoreError, match="--buys .*no such file"):
+        prepare("yoochoose", FIXTURES / "yoochoose", tmp_path, buys=tmp_path / "nope.dat")
+    source = tmp_path / "clicks"
+    source.mkdir()
+    (source / "yoochoose-clicks.dat").write_text((FIXTURES / "yoochoose" / "yoochoose-clicks.dat").read_text())
+    with pytest.raises(ClickscoreError, match="--complete-buys-below needs a buys file"):
+        prepare("yoochoose", source, tmp_path / "out", complete_buys_below=5)
+    with pytest.raises(ClickscoreError, match="for --dataset yoochoose only"):
+        prepare("rees46", DATASETS / "rees46" / "2019-Oct-sample.csv", tmp_path / "out", complete_buys_below=5)
+
+
+def test_yoochoose_raw_buys_join_only_clicked_sessions(tmp_path):
+    """A buy of a session without clicks is counted, not made into a buy-only session;
+    --complete-buys-below drops the higher session ids."""
+    source = tmp_path / "in"
+    source.mkdir()
+    (source / "yoochoose-clicks.dat").write_text((FIXTURES / "yoochoose" / "yoochoose-clicks.dat").read_text())
+    buys = (FIXTURES / "yoochoose" / "yoochoose-buys.dat").read_text()
+    (source / "yoochoose-buys.dat").write_text(buys + "99,2014-04-02T10:00:00.000Z,214536502,10,1\n"
+                                                       "99,2014-04-02T10:00:01.000Z,214536500,10,1\n")
+    stats = prepare("yoochoose", source, tmp_path / "out")
+    assert stats["buys_left_out"]["events"] == 2 and stats["buys_left_out"]["sessions"] == 1
+    assert stats["sessions"] == 7 and stats["buying_sessions"] == 3
+    stats = prepare("yoochoose", source, tmp_path / "low", complete_buys_below=4)
+    events, _ = load(tmp_path / "low")
+    assert sorted(events["session_id"].unique()) == ["1", "2", "3"]
+    assert stats["buying_sessions"] == 2 and stats["sessions_not_below_complete_buys"] == 4
+
+
+@needs_samples
+def test_rees46_head_random_split_leaves_buyers_in_test(tmp_path):
+    path = DATASETS / "rees46" / "2019-Oct-head.csv"
+    stats = prepare("rees46", path, tmp_path / "a", split_method="random", split_seed=0)
+    events, written = load(tmp_path / "a")
+    check_contract(events, written)
+    assert stats["split_method"] == "random" and stats["sessions"] == 5_066
+    assert stats["buying_sessions"] == 200
+    assert stats["splits"]["test"]["buying_sessions"] >= 30     # a temporal split leaves 4
+    assert 0.15 < stats["splits"]["test"]["sessions"] / stats["sessions"] < 0.25
+    again = prepare("rees46", path, tmp_path / "b", split_method="random", split_seed=0)
+    assert again["splits"] == stats["splits"]
+    other = prepare("rees46", path, tmp_path / "c", split_method="random", split_seed=1)
+    assert other["splits"]["test"] != stats["splits"]["test"]
 
 
 # --- Retail Rocket ---------------------------------------------------------------
@@ -199,7 +305,7 @@ def test_rees46_sample(tmp_path):
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     kept = [r for r in rows if r["event_type"] != "remove_from_cart" and r["user_session"]]
-    stats = prepare("rees46", path.parent, tmp_path)
+    stats = prepare("rees46", path, tmp_path)   # the folder also holds the longer head
     events, written = load(tmp_path)
     check_contract(events, written)
     assert stats["events"] == len(kept) == 1_000 and stats["sessions"] == 372

@@ -40,8 +40,10 @@ Baselines, fitted on the same folder's train split, plus valid when evaluating o
 test (train+valid is session-rec's train_full for yoochoose; `--baseline-train train`
 to use train only): most-popular items and session-kNN (SKNN) for next item, each
 ranking against the full catalogue of items it saw, unseen targets again misses;
-gradient boosting and logistic regression on hand-made prefix aggregates for buy,
-scored on the very same buy examples. See training/baselines.py.
+V-SKNN, STAN, VSTAN and sequential rules (training/knn.py, session-rec's parameters
+for rsc15); gradient boosting (LightGBM, its parameters chosen on valid: `baselines.aggregates_gbm.tuning`)
+and logistic regression on hand-made prefix aggregates for buy, scored on the very same buy
+examples. See training/baselines.py.
 
 Data/model fit: evaluation refuses (ClickscoreError) a folder whose dataset differs
 from the one the model was trained on (when the model records it), or whose test
@@ -67,8 +69,9 @@ from stream.errors import ClickscoreError
 from stream.events import EVENT_TYPES
 from stream.features import INPUT_NAMES, ITEM_OFFSET, WINDOW, FeatureArtefacts, encode_windows, session_rows
 from training import metrics
-from training.baselines import (AggregateBuyModel, ItemBuyStats, ItemCatalogue, Popular, SessionKNN,
-                                prefix_aggregates)
+from training.baselines import (GBM_DEFAULTS, GBM_GRID, AggregateBuyModel, ItemBuyStats, ItemCatalogue,
+                                Popular, SessionKNN, prefix_aggregates, tune_gbm)
+from training.knn import NeighbourScorer, SequentialRules
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +338,13 @@ def run_baselines(events: pl.DataFrame, split: str, baseline_train: str, session
     knn = SessionKNN().fit(train["session_id"].to_numpy(), train["item_id"].to_numpy(),
                            train["timestamp"].to_numpy(), catalogue)
     out["sknn"] = next_item_metrics(knn.next_item_ranks(per_session, raw))
+    # V-SKNN, STAN, VSTAN and SR (training/knn.py), with session-rec's rsc15 parameters.
+    times = [sessions.timestamps[a:b] for a, b in zip(sessions.starts[:-1], sessions.starts[1:])]
+    fit_args = (train["session_id"].to_numpy(), train["item_id"].to_numpy())
+    for name in ("vsknn", "stan", "vstan"):
+        scorer = getattr(NeighbourScorer, name)().fit(*fit_args, train["timestamp"].to_numpy(), catalogue)
+        out[name] = next_item_metrics(scorer.next_item_ranks(per_session, raw, times))
+    out["sr"] = next_item_metrics(SequentialRules().fit(*fit_args, catalogue).next_item_ranks(per_session))
     log.info("next-item baselines in %.1f s", time.monotonic() - started)
 
     probabilities: dict[str, np.ndarray] = {}
@@ -343,24 +353,54 @@ def run_baselines(events: pl.DataFrame, split: str, baseline_train: str, session
             out[name] = buy_metrics(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), 0, seed)
         return out, probabilities, notes
     stats = ItemBuyStats.fit(train)
-    train_features = prefix_aggregates(train, stats, out_of_fold=5, seed=seed)
-    train_sessions = Sessions.from_events(train)
-    _, _, train_buy_example, _ = train_sessions.prefixes()
-    train_labels = train_sessions.labels[np.repeat(np.arange(len(train_sessions)), train_sessions.lengths)]
-    x_train, y_train = train_features[train_buy_example], train_labels[train_buy_example]
+    x_train, y_train = buy_examples(train, stats, out_of_fold=5, seed=seed)
     if not 0 < y_train.sum() < len(y_train):
         notes.append("training split has no buying or no non-buying session: aggregate baselines skipped")
         return out, probabilities, notes
     split_events = events.filter(pl.col("split") == split)
     x_test = prefix_aggregates(split_events, stats)[buy_rows]
+    gbm_params, tuning = tune_gbm_on_valid(events, seed)
     for kind in ("gbm", "logistic"):
-        probability = AggregateBuyModel(kind, seed=seed).fit(x_train, y_train).predict_proba(x_test)
+        model = AggregateBuyModel(kind, seed=seed, params=gbm_params if kind == "gbm" else None)
+        probability = model.fit(x_train, y_train).predict_proba(x_test)
         name = f"aggregates_{kind}"
         probabilities[name] = probability
         out[name] = buy_metrics(buy_labels, probability, buy_session, buy_position, n_bootstrap, seed)
-    notes.append("aggregate baselines use balanced class weights, so their probabilities are not "
-                 "calibrated (ece reflects that)")
+    out["aggregates_gbm"]["tuning"] = tuning
+    notes.append("the logistic aggregate baseline uses balanced class weights, so its probabilities are not "
+                 "calibrated (ece reflects that); the LightGBM one is unweighted, its parameters chosen on valid")
     return out, probabilities, notes
+
+
+def buy_examples(frame: pl.DataFrame, stats: ItemBuyStats, out_of_fold: int = 0,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(prefix aggregates, session label) of every buy example of `frame` (see Protocol)."""
+    features = prefix_aggregates(frame, stats, out_of_fold=out_of_fold, seed=seed)
+    frame_sessions = Sessions.from_events(frame)
+    _, _, buy_example, _ = frame_sessions.prefixes()
+    labels = frame_sessions.labels[np.repeat(np.arange(len(frame_sessions)), frame_sessions.lengths)]
+    return features[buy_example], labels[buy_example]
+
+
+def tune_gbm_on_valid(events: pl.DataFrame, seed: int) -> tuple[dict, dict]:
+    """LightGBM parameters chosen by grid search (training.baselines.GBM_GRID): fitted on
+    train, ROC AUC on valid; test is never read. Defaults when valid cannot score."""
+    train = events.filter(pl.col("split") == "train")
+    valid = events.filter(pl.col("split") == "valid")
+    tuning: dict = {"fit_on": "train", "scored_on": "valid", "grid": GBM_GRID}
+    if train.height == 0 or valid.height == 0:
+        return dict(GBM_DEFAULTS), {**tuning, "chosen": GBM_DEFAULTS, "note": "no train or valid split: defaults"}
+    stats = ItemBuyStats.fit(train)
+    x_train, y_train = buy_examples(train, stats, out_of_fold=5, seed=seed)
+    x_valid, y_valid = buy_examples(valid, stats)
+    if not (0 < y_train.sum() < len(y_train) and 0 < y_valid.sum() < len(y_valid)):
+        return dict(GBM_DEFAULTS), {**tuning, "chosen": GBM_DEFAULTS,
+                                    "note": "train or valid has one class only: defaults"}
+    best, trials = tune_gbm(x_train, y_train, x_valid, y_valid, seed=seed)
+    log.info("LightGBM tuned on valid: %s", best)
+    return best, {**tuning, "chosen": best,
+                  "best_valid_auc": max(t["valid_auc"] for t in trials if t["valid_auc"] is not None),
+                  "trials": trials}
 
 
 # -- the command -----------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """`clickscore prepare`: a public click log -> the canonical prepared folder.
 
     clickscore prepare --dataset yoochoose --input ../shared/datasets/yoochoose-100k --out data/yoochoose-100k
+    clickscore prepare --dataset yoochoose --input ../shared/datasets/yoochoose-100k \
+        --buys ../shared/datasets/yoochoose-raw/yoochoose-buys.dat --complete-buys-below 22000 --out data/yoochoose-buys
+    clickscore prepare --dataset rees46 --input ../shared/datasets/rees46/2019-Oct-head.csv --split random --out data/rees46
 
 Reads the dataset in its published layout (training/readers/), drops what the
 contract cannot hold (counted, never silently), orders rows by session start, then
@@ -25,7 +28,7 @@ from stream.errors import ClickscoreError
 from stream.events import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS
 from training import readers
 from training.readers.common import CANONICAL_SCHEMA, count_dropped
-from training.split import SPLITS, SplitResult, published_split, session_table, temporal_split
+from training.split import SPLITS, SplitResult, published_split, random_split, session_table, temporal_split
 
 DEFAULT_TEST_DAYS = {"yoochoose": 1.0}   # its public test set is the last day
 FALLBACK_TEST_DAYS = 7.0
@@ -162,13 +165,22 @@ def write_outputs(out: Path, events: pl.DataFrame, stats: dict[str, Any]) -> Non
 
 
 def prepare(dataset: str, input_path: str | Path, out: str | Path, test_days: float | None = None,
-            valid_days: float | None = None, session_gap_minutes: float = 30.0) -> dict[str, Any]:
-    """Read, clean, split, order and write one dataset; returns the stats (also in stats.json)."""
+            valid_days: float | None = None, session_gap_minutes: float = 30.0,
+            buys: str | Path | None = None, complete_buys_below: int | None = None,
+            split_method: str = "auto", split_seed: int = 0, random_split_share: float = 0.2) -> dict[str, Any]:
+    """Read, clean, split, order and write one dataset; returns the stats (also in stats.json).
+
+    `split_method` "auto": the published split, else temporal; "random": seeded random by
+    session (training/split.py), ignoring any published split.
+    """
+    if split_method not in ("auto", "random"):
+        raise ClickscoreError(f"--split must be auto or random, got {split_method!r}")
     test_days = test_days if test_days is not None else DEFAULT_TEST_DAYS.get(dataset, FALLBACK_TEST_DAYS)
     valid_days = valid_days if valid_days is not None else test_days
     notes: dict[str, Any] = {}
     try:
-        events, published = readers.read(dataset, input_path, session_gap_minutes, notes)
+        events, published = readers.read(dataset, input_path, session_gap_minutes, notes,
+                                          buys=buys, complete_buys_below=complete_buys_below)
     except pl.exceptions.PolarsError as exc:
         # A parser error here nearly always means the file is not the layout of --dataset.
         raise ClickscoreError(f"cannot read {input_path} as --dataset {dataset}: "
@@ -177,13 +189,19 @@ def prepare(dataset: str, input_path: str | Path, out: str | Path, test_days: fl
     if events.height == 0:
         raise ClickscoreError(f"no valid events left in {input_path} (dropped: {notes.get('dropped_events')})")
     sessions, row_order = session_table(events)
-    split = choose_split(sessions, published, test_days, valid_days)
+    if split_method == "random":
+        published = None
+        split = random_split(sessions, random_split_share, split_seed)
+    else:
+        split = choose_split(sessions, published, test_days, valid_days)
     if split.warning:
         notes.setdefault("warnings", []).append(split.warning)
     events = ordered(events, row_order, split)
     del sessions, row_order
     settings: dict[str, Any] = {"input": str(input_path)}
-    if published is None:
+    if split_method == "random":
+        settings.update(split_seed=split_seed, random_split_share=random_split_share)
+    elif published is None:
         settings.update(test_days=test_days, valid_days=valid_days)
     else:
         if dataset == "canonical":
@@ -203,7 +221,10 @@ def prepare(dataset: str, input_path: str | Path, out: str | Path, test_days: fl
 def run(args: argparse.Namespace) -> int:
     """CLI entry (stream/cli.py): prepare, then print the stats table."""
     stats = prepare(args.dataset, args.input, args.out, test_days=args.test_days,
-                    valid_days=args.valid_days, session_gap_minutes=args.session_gap_minutes)
+                    valid_days=args.valid_days, session_gap_minutes=args.session_gap_minutes,
+                    buys=args.buys or None, complete_buys_below=args.complete_buys_below,
+                    split_method=args.split, split_seed=args.split_seed,
+                    random_split_share=args.random_split_share)
     print(f"{stats['dataset']}: split {stats['split_method']}, written to {Path(args.out) / 'events.parquet'}")
     print(format_table(stats))
     unseen = stats["test_items_unseen_in_train"]
@@ -211,6 +232,13 @@ def run(args: argparse.Namespace) -> int:
           f"({stats['test_events_unseen_item_share']:.2%} of test events; evaluation counts them as misses)")
     if stats["dropped_events"]:
         print("dropped events: " + ", ".join(f"{k} {v:,}" for k, v in stats["dropped_events"].items()))
+    left_out = stats.get("buys_left_out")
+    if left_out:
+        print(f"buys left out (session not in the clicks): {left_out['events']:,} buy events "
+              f"of {left_out['sessions']:,} sessions")
+    if stats.get("buys_not_below_complete_buys"):
+        print(f"buys left out (session id not below --complete-buys-below): "
+              f"{stats['buys_not_below_complete_buys']:,}")
     if stats.get("dropped_purchases_without_views"):
         print(f"dropped purchases without views: {stats['dropped_purchases_without_views']:,}")
     malformed = stats.get("malformed_rows")

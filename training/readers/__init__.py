@@ -26,14 +26,20 @@ DATASETS = ("retailrocket", "yoochoose", "diginetica", "taobao", "rees46", "otto
 
 
 def read(dataset: str, input_path: str | Path, session_gap_minutes: float = 30.0,
-         notes: dict | None = None) -> tuple[pl.DataFrame, pl.DataFrame | None]:
-    """Dispatch to the reader of `dataset`; modules are imported only when used."""
+         notes: dict | None = None, buys: str | Path | None = None,
+         complete_buys_below: int | None = None) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """Dispatch to the reader of `dataset`; modules are imported only when used.
+
+    `buys` / `complete_buys_below` are YOOCHOOSE's (training/readers/yoochoose.py).
+    """
+    if dataset != "yoochoose" and (buys is not None or complete_buys_below is not None):
+        raise ClickscoreError("--buys and --complete-buys-below are for --dataset yoochoose only")
     if dataset == "retailrocket":
         from training.readers import retailrocket
         return retailrocket.read(input_path, session_gap_minutes, notes), None
     if dataset == "yoochoose":
         from training.readers import yoochoose
-        return yoochoose.read(input_path, notes)
+        return yoochoose.read(input_path, notes, buys=buys, complete_buys_below=complete_buys_below)
     if dataset == "diginetica":
         from training.readers import diginetica
         return diginetica.read(input_path, notes), None
