@@ -73,11 +73,14 @@ class CausalResidualBlock(nn.Module):
         return x + self.dropout(y)
 
     def step(self, x, cache):
-        """x (B, C, 1) one new position, cache (B, C, left_pad) the inputs before it ->
-        (output (B, C, 1), new cache). The dilated kernel over left_pad + 1 positions
-        yields exactly one output: the one forward() gives at that position."""
-        span = torch.cat([cache, x], dim=2)               # (B, C, left_pad + 1)
-        return self._after_conv(x, self.conv(span)), span[:, :, 1:]
+        """x (B, C) one new position, cache (B, C, left_pad) the inputs before it ->
+        (output (B, C), new cache). The dilated kernel over left_pad + 1 positions
+        yields exactly one output: the one forward() gives at that position. Channels
+        last, so LayerNorm and the 1x1 convolution need no transposes."""
+        span = torch.cat([cache, x.unsqueeze(2)], dim=2)  # (B, C, left_pad + 1)
+        y = self.conv(span).squeeze(2)                    # (B, C, 1) -> (B, C)
+        y = F.linear(torch.relu(self.norm(y)), self.mix.weight.squeeze(2), self.mix.bias)   # (B, C)
+        return x + self.dropout(y), span[:, :, 1:]
 
     def cache_at(self, x, length):
         """x (B, C, W) this block's inputs over a window -> its cache after position
@@ -131,14 +134,12 @@ class DilatedConvModel(nn.Module):
         """One event per session: inputs (B,) each, state -> (buy logit (B,), next-item
         logits (B, n_items), new state). Equals forward() at that position for a session
         stepped from initial_state() (eval mode: no dropout)."""
-        inputs = (event_type, item, category, hour, weekday, month, week, dwell, price)
-        x = self.embedding(*(t.unsqueeze(1) for t in inputs))             # (B, 1) each -> (B, 1, E)
-        x = self.input(x).transpose(1, 2)                                  # (B, H, 1)
+        x = self.input(self.embedding(event_type, item, category, hour, weekday, month, week, dwell, price))  # (B, H)
         new_state = []
         for block, cache in zip(self.blocks, state):
-            x, cache = block.step(x, cache)                                # (B, H, 1), (B, H, pad)
+            x, cache = block.step(x, cache)                                # (B, H), (B, H, pad)
             new_state.append(cache)
-        hidden = self.norm(x.squeeze(2))                                   # (B, H)
+        hidden = self.norm(x)                                              # (B, H)
         return self.heads.buy_logit(hidden), self.heads.next_item_logits(hidden), tuple(new_state)
 
     def encode_with_state(self, event_type, item, category, hour, weekday, month, week, dwell, price,

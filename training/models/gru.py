@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from stream.features import WINDOW
 from training.models.embedding import OutputHeads, SessionEmbedding
@@ -79,29 +78,13 @@ class GRUModel(nn.Module):
     def step(self, event_type, item, category, hour, weekday, month, week, dwell, price, state):
         """One event per session: inputs (B,) each, state -> (buy logit (B,), next-item
         logits (B, n_items), new state). Equals forward() at that position for a session
-        stepped from initial_state() (eval mode: no dropout)."""
-        inputs = (event_type, item, category, hour, weekday, month, week, dwell, price)
-        x = self.embedding(*(t.unsqueeze(1) for t in inputs)).squeeze(1)   # (B, 1) each -> (B, E)
+        stepped from initial_state() (eval mode: no dropout). The same nn.GRU runs one
+        position (one fused GRU node per layer in ONNX, as in the window graph)."""
+        x = self.embedding(event_type, item, category, hour, weekday, month, week, dwell, price)  # (B,) each -> (B, E)
         (hidden,) = state                                                  # (B, L, H)
-        layers = []
-        for layer in range(self.config.num_layers):
-            x = self._cell(layer, x, hidden[:, layer])                     # (B, H)
-            layers.append(x)
-        new_hidden = torch.stack(layers, dim=1)                            # (B, L, H)
-        return self.heads.buy_logit(x), self.heads.next_item_logits(x), (new_hidden,)
-
-    def _cell(self, layer: int, x, h):
-        """nn.GRU's update for one layer and one position, written out with its own
-        weights (gates r, z, n in that order, as torch stores them)."""
-        gru = self.gru
-        gates_x = F.linear(x, getattr(gru, f"weight_ih_l{layer}"), getattr(gru, f"bias_ih_l{layer}"))  # (B, 3H)
-        gates_h = F.linear(h, getattr(gru, f"weight_hh_l{layer}"), getattr(gru, f"bias_hh_l{layer}"))  # (B, 3H)
-        x_r, x_z, x_n = gates_x.chunk(3, dim=1)
-        h_r, h_z, h_n = gates_h.chunk(3, dim=1)
-        reset = torch.sigmoid(x_r + h_r)
-        update = torch.sigmoid(x_z + h_z)
-        candidate = torch.tanh(x_n + reset * h_n)
-        return (1 - update) * candidate + update * h
+        out, new_hidden = self.gru(x.unsqueeze(1), hidden.transpose(0, 1).contiguous())   # (B, 1, H), (L, B, H)
+        out = out.squeeze(1)                                               # (B, H)
+        return self.heads.buy_logit(out), self.heads.next_item_logits(out), (new_hidden.transpose(0, 1),)
 
     def encode_with_state(self, event_type, item, category, hour, weekday, month, week, dwell, price,
                           length):
