@@ -389,7 +389,7 @@ def model_card(name: str, version: str, info: dict, metadata: dict, log: dict, p
         f"max |PyTorch - onnxruntime| on {parity['windows']} real validation windows: buy_probability "
         f"{parity['buy_probability']:.2e}, next_item_scores {parity['next_item_scores']:.2e} (tolerance "
         f"{parity['tolerance']:g})",
-        *([f"Step graph (model_step.onnx, state {metadata['state_names']} {metadata['state_shapes']}) "
+        *(["", f"Step graph (model_step.onnx, state {metadata['state_names']} {metadata['state_shapes']}) "
            f"vs window graph: buy_probability {parity['step']['buy_probability']:.2e}, next_item_scores "
            f"{parity['step']['next_item_scores']:.2e}, state {parity['step']['state']:.2e}"]
           if parity.get("step") else []),
