@@ -241,6 +241,10 @@ class ModelScorer:
         self.state_shapes: dict[str, tuple[int, ...]] = {}
         step_path = folder / STEP_FILE
         if meta.get("step_graph"):
+            lacking = [k for k in ("state_names", "state_shapes") if not meta.get(k)]
+            if lacking:
+                raise ModelError(f"{model_path}: metadata names a step graph but lacks {lacking}; "
+                                 "re-export the folder with `clickscore export`")
             if meta["step_graph"] != STEP_FILE or not step_path.is_file():
                 raise ModelError(f"{model_path}: metadata step_graph names {meta['step_graph']!r} but "
                                  f"{folder / meta['step_graph']} is missing; copy the whole folder "

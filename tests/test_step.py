@@ -221,6 +221,11 @@ def test_a_folder_whose_graphs_disagree_is_refused(trained, tmp_path):
     with pytest.raises(ModelError, match="model_kind dilated but model.onnx has gru"):
         ModelScorer(swapped, provider="cpu")
 
+    no_shapes = copy("no-shapes")
+    _rewrite_metadata(no_shapes / "model.onnx", state_shapes="")
+    with pytest.raises(ModelError, match=r"names a step graph but lacks \['state_shapes'\]"):
+        ModelScorer(no_shapes, provider="cpu")
+
     ModelScorer(copy("intact"), provider="cpu")   # the copies themselves are fine
 
 
