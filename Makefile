@@ -39,6 +39,11 @@ bench: bench-stream bench-replay
 bench-stream: venv
 	$(BIN)/python -m bench.stream --events 20000
 
+.PHONY: bench-step
+bench-step: venv
+	$(BIN)/python -m bench.step
+	$(BIN)/python -m bench.step --n-items 50000 --repeats 30
+
 # Debian's kcat links librdkafka 2.0.2, which cannot talk to the embedded broker: give
 # it the newer librdkafka bundled in the confluent-kafka wheel (never installed).
 KCAT_LIB := $(VENV)/kcat-librdkafka

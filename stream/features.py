@@ -5,6 +5,7 @@ worker alike, so streaming scores equal offline scores by construction.
 Data flow:
     ClickEvent --(append_event)--> session window (structured array of EventRow)
                --(encode_windows)--> model inputs, each (B, W)
+               --(encode_last_events)--> the last event's inputs, each (B,) (step graph)
 
 Seed feature set (exactly):
     event_type, item, category, hour, weekday, month, week   -> embedding indices (int64)
@@ -292,7 +293,28 @@ def encode_windows(windows: Sequence[np.ndarray], artefacts: FeatureArtefacts) -
         if n:
             flat[b, :n] = rows[-n:]
     valid = np.arange(W)[None, :] < lengths[:, None]   # (B, W)
+    inputs = _encode_rows(flat, valid, artefacts)
+    inputs["length"] = lengths
+    return inputs
 
+
+def encode_last_events(windows: Sequence[np.ndarray], artefacts: FeatureArtefacts) -> dict[str, np.ndarray]:
+    """Session windows -> the inputs of each window's last event only, as a step graph
+    takes them: each (B,), equal to encode_windows(windows)[name][b, length_b - 1] (the
+    same encoding code runs on a (B, 1) slice; no position-dependent feature exists).
+    An empty window gives padding. No `length`."""
+    B = len(windows)
+    flat = np.zeros((B, 1), dtype=EVENT_ROW)      # (B, 1) each window's last row
+    valid = np.zeros((B, 1), dtype=bool)
+    for b, rows in enumerate(windows):
+        if len(rows):
+            flat[b, 0] = rows[-1]
+            valid[b, 0] = True
+    return {name: column[:, 0] for name, column in _encode_rows(flat, valid, artefacts).items()}   # (B, 1) -> (B,)
+
+
+def _encode_rows(flat: np.ndarray, valid: np.ndarray, artefacts: FeatureArtefacts) -> dict[str, np.ndarray]:
+    """(B, T) EVENT_ROW and a (B, T) mask of real rows -> the 9 feature inputs, each (B, T)."""
     hour, weekday, month, week = calendar(flat["timestamp"])
     dwell = (_log_gap(flat["gap"].astype(np.float64)) - artefacts.dwell_mean) / artefacts.dwell_std
     price = (np.log1p(flat["price"].astype(np.float64)) - artefacts.price_mean) / artefacts.price_std
@@ -313,7 +335,6 @@ def encode_windows(windows: Sequence[np.ndarray], artefacts: FeatureArtefacts) -
         "week": cat(week),
         "dwell": dwell.astype(np.float32),
         "price": price.astype(np.float32),
-        "length": lengths,
     }
 
 

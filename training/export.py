@@ -11,10 +11,22 @@ stream.features.INPUT_NAMES in, the state read at position length-1, and
 `buy_probability` (sigmoid, (B,)) and `next_item_scores` (logits, (B, n_items)) out;
 metadata_props as docs/CONTRACTS.md lists them, plus `dataset`.
 
+Incremental scoring: OUT/model_step.onnx, the step graph, takes one event per session
+(the 9 feature inputs, each (B,)) and the model state (`hidden` (B, layers, H) for the
+GRU; `cache_0..` (B, H, (k-1)*d) per block for the dilated model) and returns the same
+outputs plus the new state (`new_hidden`, `new_cache_0..`). The window graph gains the
+same `new_*` outputs: the state after position length-1, so a session whose state is
+not cached is rebuilt from its window in one batched call. Both graphs carry the
+in-graph top-k and metadata `graph` (window/step), `step_graph`, `state_names` and
+`state_shapes` (per session, e.g. `1x96`); stream.scoring refuses a folder whose two
+graphs disagree.
+
 Parity check on every export: the eager PyTorch wrapper and stream.scoring.ModelScorer
 (onnxruntime, the runtime the worker uses) score the real validation windows the
 training run saved (parity_inputs.npz); a max abs difference above --tolerance (1e-5)
-on either output fails the export. The folder is written under a temporary name and
+on either output fails the export. The step graph is checked the same way: the state
+after position length-2 (window graph) stepped by the event at length-1 (step graph)
+must give the window graph's scores and state at length-1. The folder is written under a temporary name and
 only moved to OUT once it passed, so a failed export leaves no OUT folder behind (and
 an existing OUT from an earlier export untouched).
 """
@@ -36,8 +48,8 @@ from torch import nn
 from stream.errors import ClickscoreError
 from stream.events import SCHEMA_VERSION
 from stream.features import INPUT_NAMES, ITEM_OFFSET, WINDOW
-from stream.scoring import (CARD_FILE, FEATURES_FILE, MODEL_FILE, OUTPUT_NAMES, TOP_K_OUTPUTS, ModelScorer,
-                            top_k_items)
+from stream.scoring import (CARD_FILE, FEATURES_FILE, MODEL_FILE, OUTPUT_NAMES, STEP_FILE, STEP_INPUT_NAMES,
+                            TOP_K_OUTPUTS, ModelScorer, new_state_name, top_k_items)
 from training.checkpoint import load_checkpoint
 
 PARITY_FILE = "parity_inputs.npz"
@@ -71,6 +83,88 @@ class LastPositionScorer(nn.Module):
         return buy_probability, next_item_scores
 
 
+class WindowStateScorer(nn.Module):
+    """The served window graph since incremental scoring: LastPositionScorer's outputs and
+    the step state after position length-1, (buy (B,), scores (B, n_items), *new_state)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.input_names = INPUT_NAMES
+        self.output_names = OUTPUT_NAMES + tuple(new_state_name(n) for n in model.state_names)
+
+    def forward(self, event_type, item, category, hour, weekday, month, week, dwell, price, length):
+        hidden, state = self.model.encode_with_state(event_type, item, category, hour, weekday, month, week,
+                                                     dwell, price, length)              # (B, W, H), states
+        last = (length - 1).clamp(min=0)                                   # (B,); empty window reads position 0
+        index = last.view(-1, 1, 1).expand(-1, 1, hidden.size(2))         # (B, 1, H)
+        final = hidden.gather(1, index).squeeze(1)                         # (B, H)
+        return (torch.sigmoid(self.model.heads.buy_logit(final)), self.model.heads.next_item_logits(final),
+                *state)
+
+
+class StepScorer(nn.Module):
+    """The step graph: one event's 9 inputs (B,) and the state in -> (buy_probability (B,),
+    next_item_scores (B, n_items), *new_state)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.input_names = STEP_INPUT_NAMES + tuple(model.state_names)
+        self.output_names = OUTPUT_NAMES + tuple(new_state_name(n) for n in model.state_names)
+
+    def forward(self, event_type, item, category, hour, weekday, month, week, dwell, price, *state):
+        buy_logit, next_item_logits, new_state = self.model.step(
+            event_type, item, category, hour, weekday, month, week, dwell, price, state)
+        return (torch.sigmoid(buy_logit), next_item_logits, *new_state)
+
+
+def state_metadata(model: nn.Module) -> dict[str, str]:
+    """`state_names` and `state_shapes` (per session, batch left out: '1x96,..') as both graphs carry them."""
+    shapes = model.state_shapes()
+    return {"state_names": ",".join(model.state_names),
+            "state_shapes": ",".join("x".join(str(d) for d in shapes[n]) for n in model.state_names)}
+
+
+def step_example(inputs: dict[str, np.ndarray], model: nn.Module) -> dict[str, np.ndarray]:
+    """Example feeds for tracing the step graph: each window's last event and a zero state."""
+    rows = np.arange(len(inputs["length"]))
+    last = np.maximum(inputs["length"] - 1, 0)
+    example = {name: inputs[name][rows, last] for name in STEP_INPUT_NAMES}     # (B, W) -> (B,)
+    for name, tensor in zip(model.state_names, model.initial_state(len(rows))):
+        example[name] = tensor.numpy()
+    return example
+
+
+def check_step_parity(model_dir: str | Path, inputs: dict[str, np.ndarray], tolerance: float = 1e-5,
+                      batch_size: int = 128) -> dict[str, float]:
+    """Through onnxruntime: the window graph's state after position length-2, stepped by
+    the event at length-1, against the window graph at length-1 (scores and state).
+    Max |diff| per output; raises ExportError above tolerance."""
+    scorer = ModelScorer(model_dir, provider="cpu")
+    diffs = {"buy_probability": 0.0, "next_item_scores": 0.0, "state": 0.0}
+    n = len(inputs["length"])
+    for i in range(0, n, batch_size):
+        chunk = {k: v[i:i + batch_size] for k, v in inputs.items()}
+        length = chunk["length"]
+        rows = np.arange(len(length))
+        before = dict(chunk, length=np.maximum(length - 1, 0))   # causal: the row at length-1 is not read
+        _, _, state = scorer.predict_with_state(before)
+        event = {name: chunk[name][rows, np.maximum(length - 1, 0)] for name in STEP_INPUT_NAMES}   # (B,)
+        step_buy, step_scores, step_state = scorer.predict_step(event, state)
+        buy, scores, window_state = scorer.predict_with_state(chunk)
+        for key, a, b in (("buy_probability", step_buy, buy), ("next_item_scores", step_scores, scores),
+                          ("state", step_state, window_state)):
+            diffs[key] = max(diffs[key], float(np.max(np.abs(a - b))))
+    bad = {k: v for k, v in diffs.items() if not v <= tolerance}
+    if bad:
+        raise ExportError("step parity check failed: the step graph and the window graph differ by "
+                          + ", ".join(f"{k} max |diff| {v:.3g}" for k, v in bad.items())
+                          + f" on {n} real validation windows (tolerance {tolerance:g})")
+    diffs["windows"] = n
+    return diffs
+
+
 def load_parity_inputs(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ExportError(f"{path} not found: the checkpoint folder must hold the real validation "
@@ -88,7 +182,7 @@ def eager_outputs(wrapper: nn.Module, inputs: dict[str, np.ndarray], batch_size:
     buys, scores = [], []
     n = len(inputs["length"])
     for i in range(0, n, batch_size):
-        buy, score = wrapper(*(torch.from_numpy(inputs[name][i:i + batch_size]) for name in INPUT_NAMES))
+        buy, score, *_ = wrapper(*(torch.from_numpy(inputs[name][i:i + batch_size]) for name in INPUT_NAMES))
         buys.append(buy.numpy())
         scores.append(score.numpy())
     return np.concatenate(buys), np.concatenate(scores)
@@ -163,20 +257,44 @@ def add_top_k(model, k_max: int = TOP_K_MAX):
     return k
 
 
+def declare_state_shapes(model, metadata: dict[str, str]) -> None:
+    """Write the per-session state shapes into the graph's state inputs and outputs: the
+    exporter leaves some of them symbolic (e.g. after a Concat), and the runtime checks
+    the graphs' declared shapes against the metadata."""
+    names = metadata["state_names"].split(",")
+    shapes = [[int(d) for d in shape.split("x")] for shape in metadata["state_shapes"].split(",")]
+    wanted = {}
+    for name, shape in zip(names, shapes):
+        wanted[name] = wanted[new_state_name(name)] = shape
+    for value in (*model.graph.input, *model.graph.output):
+        if value.name in wanted:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims[1:], wanted[value.name]):
+                dim.Clear()
+                dim.dim_value = size
+
+
 def write_onnx(wrapper: nn.Module, path: Path, example: dict[str, np.ndarray], opset: int,
                metadata: dict[str, str]) -> None:
+    """Export `wrapper` (its input_names/output_names; LastPositionScorer's when it has
+    none), append the in-graph top-k, write `metadata` (input/output names filled in)."""
     import onnx
 
-    args = tuple(torch.from_numpy(example[name]) for name in INPUT_NAMES)
-    dynamic = {name: {0: "batch"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)}
+    input_names = tuple(getattr(wrapper, "input_names", INPUT_NAMES))
+    output_names = tuple(getattr(wrapper, "output_names", OUTPUT_NAMES))
+    args = tuple(torch.from_numpy(example[name]) for name in input_names)
+    dynamic = {name: {0: "batch"} for name in (*input_names, *output_names)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # the GRU batch-size warning does not apply: batch is dynamic
-        torch.onnx.export(wrapper, args, str(path), input_names=list(INPUT_NAMES),
-                          output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, opset_version=opset,
+        torch.onnx.export(wrapper, args, str(path), input_names=list(input_names),
+                          output_names=list(output_names), dynamic_axes=dynamic, opset_version=opset,
                           do_constant_folding=True, dynamo=False)
     graph = onnx.load(str(path))
+    if metadata.get("state_shapes"):
+        declare_state_shapes(graph, metadata)
     metadata["top_k_max"] = str(add_top_k(graph))
-    metadata["output_names"] = ",".join(OUTPUT_NAMES + TOP_K_OUTPUTS)
+    metadata["input_names"] = ",".join(input_names)
+    metadata["output_names"] = ",".join(output_names + TOP_K_OUTPUTS)
     del graph.metadata_props[:]
     for key, value in metadata.items():
         graph.metadata_props.add(key=key, value=str(value))
@@ -271,6 +389,10 @@ def model_card(name: str, version: str, info: dict, metadata: dict, log: dict, p
         f"max |PyTorch - onnxruntime| on {parity['windows']} real validation windows: buy_probability "
         f"{parity['buy_probability']:.2e}, next_item_scores {parity['next_item_scores']:.2e} (tolerance "
         f"{parity['tolerance']:g})",
+        *(["", f"Step graph (model_step.onnx, state {metadata['state_names']} {metadata['state_shapes']}) "
+           f"vs window graph: buy_probability {parity['step']['buy_probability']:.2e}, next_item_scores "
+           f"{parity['step']['next_item_scores']:.2e}, state {parity['step']['state']:.2e}"]
+          if parity.get("step") else []),
         "",
         "## Rebuild",
         "",
@@ -302,7 +424,7 @@ def export(checkpoint_dir: str | Path, out: str | Path, name: str | None = None,
                           f"{artefacts.window}")
     log_path = checkpoint_dir / LOG_FILE
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
-    wrapper = LastPositionScorer(model).eval()
+    wrapper = WindowStateScorer(model).eval()
     metadata = {
         "schema_version": str(SCHEMA_VERSION), "window": str(artefacts.window),
         "model_kind": info["model_kind"], "model_name": name, "model_version": str(version),
@@ -310,15 +432,20 @@ def export(checkpoint_dir: str | Path, out: str | Path, name: str | None = None,
         "output_names": ",".join(OUTPUT_NAMES), "n_items": str(artefacts.n_items),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "dataset": str(info.get("dataset") or ""),
+        "graph": "window", "step_graph": STEP_FILE, **state_metadata(model),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.export-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        write_onnx(wrapper, staging / MODEL_FILE, {k: v[:2] for k, v in inputs.items()}, opset, metadata)
+        example = {k: v[:2] for k, v in inputs.items()}
+        write_onnx(wrapper, staging / MODEL_FILE, example, opset, dict(metadata))
+        write_onnx(StepScorer(model).eval(), staging / STEP_FILE, step_example(example, model), opset,
+                   dict(metadata, graph="step"))
         artefacts.save(staging / FEATURES_FILE)
         parity = check_parity(wrapper, staging, inputs, tolerance)
+        parity["step"] = check_step_parity(staging, inputs, tolerance)
         parity["tolerance"] = tolerance
         commands = [c.strip() for c in (data_command or "").split("&&") if c.strip()]
         prepare = prepare_command(info.get("data_stats") or {}, info.get("data", "DATA"))
@@ -353,5 +480,7 @@ def run(args: argparse.Namespace) -> int:
     parity = export(args.checkpoint, args.out, args.name, args.model_version, args.opset, args.tolerance,
                     args.data_command)
     print(f"exported {args.out}: parity on {parity['windows']} windows, max |diff| buy "
-          f"{parity['buy_probability']:.2e}, next-item {parity['next_item_scores']:.2e}")
+          f"{parity['buy_probability']:.2e}, next-item {parity['next_item_scores']:.2e}; step vs window: buy "
+          f"{parity['step']['buy_probability']:.2e}, next-item {parity['step']['next_item_scores']:.2e}, "
+          f"state {parity['step']['state']:.2e}")
     return 0

@@ -41,7 +41,8 @@ class SessionEmbedding(nn.Module):
             self.item.weight[0].zero_()
 
     def forward(self, event_type, item, category, hour, weekday, month, week, dwell, price):
-        """Each input (B, W) -> (B, W, embedding_dim)."""
+        """Each input (B, W) -> (B, W, embedding_dim); or one event per session, each
+        input (B,) -> (B, embedding_dim), as the step graphs call it."""
         parts = [
             self.item(item),                      # (B, W, E)
             self.category(category),              # (B, W, E/2)
