@@ -191,12 +191,14 @@ def _consumer(settings: Settings):
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
 
+    extra = {}
+    if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG:   # kafka-python 3; 2.x has no such option
+        extra["bootstrap_timeout_ms"] = int(BOOTSTRAP_S * 1000)
     try:
         consumer = KafkaConsumer(bootstrap_servers=settings.broker.split(","), group_id=None,
                                  enable_auto_commit=False, auto_offset_reset="earliest",
-                                 bootstrap_timeout_ms=int(BOOTSTRAP_S * 1000),
                                  # The embedded broker holds every fetch for the whole wait.
-                                 fetch_max_wait_ms=100, **settings.kafka_security())
+                                 fetch_max_wait_ms=100, **extra, **settings.kafka_security())
         topics = consumer.topics()
     except KafkaError as exc:
         raise ClickscoreError(f"no Kafka broker answers at {settings.broker} ({exc}): start one "
