@@ -135,11 +135,14 @@ def describe(value: dict) -> tuple[str, str, str] | None:
         try:
             original = base64.b64decode(value["original_b64"] or "", validate=True)
             shown = show_bytes(original)
+            if value.get("original_truncated"):   # the worker copies only the first bytes of a huge message
+                total = value.get("original_bytes")
+                shown += f" (first {len(original):,} of {total:,} bytes)" if isinstance(total, int) else " (cut)"
         except (binascii.Error, TypeError, ValueError):
             shown = f"(original_b64 not base64: {printable(str(value['original_b64']), 40)})"
-        where = f"{value.get('topic')}:{value.get('partition')}:{value.get('offset')}"
+        where = f"  from {value['topic']}:{value.get('partition')}:{value.get('offset')}" if "topic" in value else ""
         detail = printable(str(value.get("detail", "")), 80)
-        return session, "", f"DEAD {value['reason']}  {detail}  from {where}  original: {shown}"
+        return session, "", f"DEAD {value['reason']}  {detail}{where}  original: {shown}"
     if "trigger_id" in value and "rule" in value:                          # trigger
         return session, "", (f"TRIGGER {value['rule']}  buy {_probability(value.get('buy_probability'))}"
                              f"  {printable(json.dumps(value.get('evidence', {})), 80)}")

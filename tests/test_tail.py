@@ -58,6 +58,9 @@ def tail_json(broker: str, *argv: str) -> list[dict]:
     (b"s", json.dumps({"reason": "undecodable", "original_b64": base64.b64encode(b"\x1b\xff").decode(),
                        "detail": "x\ny"}).encode()),
     (b"s", json.dumps({"reason": "x", "original_b64": "%%%not base64"}).encode()),
+    (b"s", json.dumps({"reason": "oversized_message", "original_b64": base64.b64encode(b"ab").decode(),
+                       "original_bytes": 70000, "original_truncated": True}).encode()),
+    (b"s", json.dumps({"reason": "x", "original_b64": "", "original_bytes": "?", "original_truncated": 1}).encode()),
     (b"s", json.dumps({"items": ["a\x1b", 3], "session_id": "s\n"}).encode()),
 ])
 def test_any_bytes_give_one_clean_line_and_round_trip_in_json(key, value):
