@@ -276,6 +276,44 @@ def _demo(p: argparse.ArgumentParser) -> None:
     add_settings(p, ("model", "execution_provider", "partitions", "log_level"))
 
 
+def _switch(p, flag: str, env: str, help: str) -> None:
+    """An on/off flag that takes no value (`--follow TOPIC` must not read TOPIC as its
+    value), with --no-... to turn off what the environment turned on."""
+    import os
+    from stream.settings import _bool
+    try:
+        default = _bool(os.environ.get(env, "false"))
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f"clickscore: environment {env}: {exc}") from None
+    p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"{help} [env: {env}]")
+
+
+def _tail(p: argparse.ArgumentParser) -> None:
+    from stream.replay import parse_time
+    from stream.settings import number
+    from stream.tail import parse_partitions
+    p.add_argument("topic", help="topic to read, e.g. buyer-scores, next-items, clicks-dlq, triggers, clicks")
+    start = p.add_mutually_exclusive_group()
+    _switch(start, "--from-end", "CLICKSCORE_TAIL_FROM_END",
+            "start at the end: only records that arrive from now on (with --follow)")
+    add_env_option(start, "--offset", "CLICKSCORE_TAIL_OFFSET", type=number(int, what="an offset"),
+                   help="start at this offset in every partition read")
+    add_env_option(p, "--from-time", "CLICKSCORE_TAIL_FROM_TIME", type=parse_time,
+                   help="skip records whose record timestamp is earlier (epoch ms or ISO-8601); "
+                        "filtered here, because the embedded broker seeks by time wrongly")
+    _switch(p, "--follow", "CLICKSCORE_TAIL_FOLLOW",
+            "keep waiting for new records (Ctrl-C stops); otherwise exit at the end")
+    add_env_option(p, "--partition", "CLICKSCORE_TAIL_PARTITION", type=parse_partitions,
+                   help="read only these partitions, e.g. 0 or 0,2 (default: all)")
+    add_env_option(p, "--session", "CLICKSCORE_TAIL_SESSION",
+                   help="only records of this session (record key or the value's session_id)")
+    add_env_option(p, "--limit", "CLICKSCORE_TAIL_LIMIT", type=number(int, what="a count"), default=0,
+                   help="exit after this many records (0: no limit)")
+    _switch(p, "--json", "CLICKSCORE_TAIL_JSON",
+            "JSON lines (partition, offset, timestamp, key, decoded value) instead of aligned text")
+    add_settings(p, KAFKA_SETTINGS)
+
+
 # name -> (help, argument builder, "module:function" run with the parsed args)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
     "prepare": ("read a public click log into the canonical format, split and describe it",
@@ -297,6 +335,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
                _replay, "stream.replay:run"),
     "demo": ("run broker, worker and a replayed log with a live view; print buy AUC and Recall@20",
              _demo, "stream.demo:run"),
+    "tail": ("print the records of a topic (scores, next items, dead letters, triggers, any topic)",
+             _tail, "stream.tail:run"),
 }
 
 

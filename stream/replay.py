@@ -407,8 +407,9 @@ def replay(input_path: str | Path, topic: str = "clicks", *, settings: Settings 
     bar = None
     if progress:
         from tqdm import tqdm
+        # disable=None: a bar (rate, ETA) on a terminal, nothing in a log; the summary says the rest.
         bar = tqdm(total=matching, unit="ev", unit_scale=True, desc=f"replay -> {topic}",
-                   file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+                   file=sys.stderr, dynamic_ncols=True, mininterval=0.5, disable=None)
     from kafka.errors import KafkaError
 
     sent_calls = 0

@@ -265,7 +265,10 @@ def score_model(model: LoadedModel, events: pl.DataFrame, sessions: Sessions) ->
         for a, b in zip(sessions.starts[:-1], sessions.starts[1:])]
 
     buy_parts, rank_parts = [], []
-    for chunk in np.array_split(needed, max(1, math.ceil(len(needed) / model.batch_size))):
+    from tqdm import tqdm   # a bar on a terminal; disable=None: nothing when stderr is not one
+    chunks = np.array_split(needed, max(1, math.ceil(len(needed) / model.batch_size)))
+    for chunk in tqdm(chunks, desc=f"scoring {len(needed):,} prefixes", unit="batch", disable=None,
+                      leave=False, file=sys.stderr):
         if not chunk.size:
             continue
         windows = [rows_by_session[session[g]][max(0, position[g] - art.window + 1):position[g] + 1]

@@ -178,6 +178,9 @@ def prepare(dataset: str, input_path: str | Path, out: str | Path, test_days: fl
     test_days = test_days if test_days is not None else DEFAULT_TEST_DAYS.get(dataset, FALLBACK_TEST_DAYS)
     valid_days = valid_days if valid_days is not None else test_days
     notes: dict[str, Any] = {}
+    from tqdm import tqdm   # stages with the row count on a terminal; nothing when stderr is not one
+    bar = tqdm(total=4, desc=f"prepare {dataset}: reading", unit="stage", disable=None, leave=False,
+               file=sys.stderr, bar_format="{desc} [{n}/{total} stages, {elapsed}]")
     try:
         events, published = readers.read(dataset, input_path, session_gap_minutes, notes,
                                           buys=buys, complete_buys_below=complete_buys_below)
@@ -185,9 +188,13 @@ def prepare(dataset: str, input_path: str | Path, out: str | Path, test_days: fl
         # A parser error here nearly always means the file is not the layout of --dataset.
         raise ClickscoreError(f"cannot read {input_path} as --dataset {dataset}: "
                               f"{str(exc).strip().splitlines()[0]}; check --dataset and --input") from None
+    bar.set_description_str(f"prepare {dataset}: {events.height:,} rows read, cleaning", refresh=False)
+    bar.update()
     events = drop_invalid(events, notes)
     if events.height == 0:
         raise ClickscoreError(f"no valid events left in {input_path} (dropped: {notes.get('dropped_events')})")
+    bar.set_description_str(f"prepare {dataset}: {events.height:,} rows, splitting", refresh=False)
+    bar.update()
     sessions, row_order = session_table(events)
     if split_method == "random":
         published = None
@@ -211,8 +218,12 @@ def prepare(dataset: str, input_path: str | Path, out: str | Path, test_days: fl
             settings["valid_days"] = valid_days     # validation carved from its train part
     if dataset in SESSIONISED:
         settings["session_gap_minutes"] = session_gap_minutes
+    bar.set_description_str(f"prepare {dataset}: {events.height:,} rows, writing", refresh=False)
+    bar.update()
     stats = compute_stats(dataset, events, split, notes, settings)
     write_outputs(Path(out), events, stats)
+    bar.update()
+    bar.close()
     for warning in stats["warnings"]:
         print(f"clickscore prepare: warning: {warning}", file=sys.stderr)
     return stats
