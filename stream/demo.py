@@ -123,8 +123,12 @@ class OutputReader(threading.Thread):
     def _run(self) -> None:
         from kafka import KafkaConsumer, TopicPartition
         s = self.settings
+        # fetch_max_wait_ms: the embedded broker holds every fetch for the whole wait even
+        # when records are there (PLATFORM.md), and kafka-python's default is 500 ms, so
+        # the reader itself added up to half a second to every latency the view showed.
         consumer = KafkaConsumer(bootstrap_servers=s.broker, enable_auto_commit=False,
-                                 auto_offset_reset="earliest", **s.kafka_security())
+                                 auto_offset_reset="earliest", fetch_max_wait_ms=10,
+                                 **s.kafka_security())
         try:
             partitions = []
             deadline = time.monotonic() + WARMUP_TIMEOUT_S
