@@ -117,7 +117,8 @@ def test_sigkill_mid_stream_rescored_from_offsets_and_changelog(broker, model_di
     t = topics()
     log = simulated_log(tmp_path, 400, 21, "k-")
     app_id = f"app-{uuid.uuid4().hex[:8]}"
-    produce(broker, t["input"], keyed(log))
+    metadata = produce(broker, t["input"], keyed(log))
+    input_partition = {e["session_id"]: m.partition for e, m in zip(log, metadata)}
     first = WorkerProcess(broker, model_dir, t, app_id, tmp_path / "first.log", free_port(), ARGS).start()
     try:
         read_topic(broker, t["next_items"], lambda r: len(r) >= len(log) // 3, timeout=180, settle=0)
@@ -136,6 +137,13 @@ def test_sigkill_mid_stream_rescored_from_offsets_and_changelog(broker, model_di
 
     assert_every_event_scored_like_offline(items, scores, log, scorer)
     duplicates = len(items) - len(log)   # re-delivered, not committed before the kill
+    # Each session's changelog records sit in the partition of its input events (a batch
+    # spans partitions; a write to the batch's last event's partition would be restored
+    # by the wrong worker after a rebalance).
+    changelog = read_topic(broker, f"{app_id}-sessions-changelog", lambda r: False, timeout=5, settle=0)
+    assert changelog
+    for record in changelog:
+        assert record.partition == input_partition[record.key.decode()], record.key
     resumed = [ms for eid, ms in first_output_ms(items).items() if eid not in before and ms >= killed_ms]
     assert resumed
     first_new_s = (min(resumed) - killed_ms) / 1000
