@@ -186,57 +186,6 @@ def test_worker_scores_every_event_like_offline_and_dead_letters_bad_input(
     print(f"\n{len(stream)} messages scored in {elapsed:.1f} s (worker start included)")
 
 
-def test_killed_worker_resumes_from_offsets_and_restored_state(broker, model_dir, scorer, tmp_path):
-    t = topics()
-    sim_path = tmp_path / "sim.parquet"
-    subprocess.run([CLICKSCORE, "simulate", "--sessions", "300", "--seed", "12", "--buy-share", "0.2",
-                    "--out", str(sim_path)], check=True, capture_output=True)
-    log = event_dicts(pl.read_parquet(sim_path).sort("timestamp", maintain_order=True), "k-")
-    app_id = f"app-{uuid.uuid4().hex[:8]}"
-    args = ["--top-k", str(TOP_K), "--batch-size", "32", *LONG_TIMEOUT]
-    metadata = produce(broker, t["input"], [(e["session_id"].encode(), json.dumps(e).encode()) for e in log])
-    input_partition = {e["session_id"]: m.partition for e, m in zip(log, metadata)}
-
-    first = WorkerProcess(broker, model_dir, t, app_id, tmp_path / "first.log", free_port(), args).start()
-    try:
-        read_topic(broker, t["next_items"], lambda r: len(r) >= len(log) // 3, timeout=180, settle=0)
-    finally:
-        first.kill()   # SIGKILL: no commit, no flush, no goodbye
-    emitted_before = values(read_topic(broker, t["next_items"], lambda r: True, timeout=5, settle=0.5))
-    before_restart = {v["event_id"] for v in emitted_before}
-    sessions_before = {v["session_id"] for v in emitted_before}
-    assert 0 < len(before_restart) < len(log), "the kill must land mid-stream"
-
-    with WorkerProcess(broker, model_dir, t, app_id, tmp_path / "second.log", free_port(), args) as second:
-        items = read_topic(broker, t["next_items"],
-                           lambda r: len({json.loads(x.value)["event_id"] for x in r}) >= len(log), timeout=240)
-        want_scored, want_outcomes = expected_buyer_events(log)
-        scores = read_topic(broker, t["scores"], lambda r: len({json.loads(x.value)["event_id"] for x in r})
-                            >= len(want_scored) + len(want_outcomes), timeout=60)
-        assert second.proc.poll() is None, second.log()[-3000:]
-
-    item_values, score_values = values(items), values(scores)
-    # Every event scored; duplicates (re-delivery of what was not committed) are
-    # allowed, and every copy carries the same numbers: dedupe by event id.
-    assert {v["event_id"] for v in item_values} == {e["event_id"] for e in log}
-    assert {v["event_id"] for v in score_values} == want_scored | want_outcomes
-    duplicates = len(item_values) - len(log)
-    # ...and equal an uninterrupted run (= offline, shown by the test above): state
-    # restored from the changelog, not restarted empty.
-    reference = offline_scores(scorer, by_session(log), TOP_K)
-    assert_matches_offline(score_values, item_values, reference)
-    resumed = [v for v in item_values if v["event_id"] not in before_restart]
-    assert any(v["session_id"] in sessions_before for v in resumed)   # sessions spanning the kill
-    # Each session's changelog records sit in the partition of its input events (a
-    # batch spans partitions; a write to the batch's last event's partition would be
-    # restored by the wrong worker after a rebalance).
-    changelog = read_topic(broker, f"{app_id}-sessions-changelog", lambda r: False, timeout=5, settle=0)
-    assert changelog
-    for record in changelog:
-        assert record.partition == input_partition[record.key.decode()], record.key
-    print(f"\n{len(resumed)} events scored after the restart, {duplicates} duplicates")
-
-
 def test_worker_refuses_a_model_that_does_not_match(broker, model_dir, tmp_path):
     import shutil
 
