@@ -234,6 +234,8 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
 
     async def send(topic: str, key: bytes | None, value: bytes) -> None:
         # Fire and forget: the commit flushes the producer before it commits offsets.
+        if fence.reason() is not None:   # frozen mid-batch: these outputs are another's now
+            return
         await app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
 
     def read_state(key: bytes) -> SessionState | None:
