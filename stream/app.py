@@ -64,6 +64,7 @@ from typing import Any, Sequence
 
 from stream import metrics, pipeline
 from stream.errors import ClickscoreError
+from stream.fencing import Fence
 from stream.scoring import ModelScorer
 from stream.session_state import idle_keys
 from stream.settings import Settings, settings_from_args
@@ -73,6 +74,7 @@ log = logging.getLogger("clickscore.worker")
 EVICTION_SCAN_S = 5.0        # wall-clock seconds between idle-session scans
 LOOP_LAG_PROBE_S = 0.1       # the loop-lag monitor's sleep
 CONSUMER_LAG_EVERY_S = 5.0
+POSITION_TIMEOUT_S = 2.0     # longest wait for a partition's fetch position in the stall watchdog
 SESSIONS_TABLE = "sessions"
 TRIGGERS_TABLE = "trigger-state"
 
@@ -149,6 +151,7 @@ class WorkerState:
     processed_at_check: int = -1
     positions_at_check: dict[int, int] = field(default_factory=dict)
     positions_after_seek: dict[int, int] = field(default_factory=dict)
+    positionless: dict[int, int] = field(default_factory=dict)  # partition -> checks without a position
 
 
 def _set_fetch_max_wait(fetch_max_wait_ms: int) -> None:
@@ -213,6 +216,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
                                schema=faust.Schema(**raw)) if rules else None
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     worker = WorkerState()
+    fence = Fence.for_app(app, settings.session_timeout_ms / 1000)   # stream/fencing.py
     info = scorer.info
     timeout_ms = int(settings.session_timeout_s * 1000)
     topics = pipeline.Topics(settings.scores_topic, settings.next_items_topic, settings.dlq_topic,
@@ -268,6 +272,16 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         t0 = time.perf_counter()
         return pipeline.score_isolated(scorer.score, windows, settings.top_k), time.perf_counter() - t0
 
+    async def hold_while_fenced() -> None:
+        """After a freeze past the session timeout our partitions may be another
+        worker's: send and write nothing until the consumer group has answered (see
+        stream/fencing.py). Holding, not dropping: if the group kept us, the batch is
+        still ours and must be scored; if it did not, Faust re-seeks what we still own
+        and the batch's outputs are duplicates the new owner also sends."""
+        if fence.blocks_batch():
+            while fence.reason() is not None:
+                await asyncio.sleep(0.05)
+
     async def complete(flight: "InFlight") -> None:
         """Stage 3, on the event loop: outputs of a scored batch, delivered and checked."""
         try:
@@ -293,6 +307,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
             metrics.EVENTS_DEAD_LETTERED.labels(reason=reason).inc(count)
         for probability in done.buy_probabilities:
             metrics.BUY_PROBABILITY.observe(probability)
+        await hold_while_fenced()
         await pipeline.deliver(send, done.outputs, records, settings.dlq_topic, SEND_ATTEMPTS, SEND_BACKOFF_S)
         for out in done.outputs:
             if out.topic in scored:
@@ -362,6 +377,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         sender = asyncio.ensure_future(deliver_in_order(stream))
         try:
             async for events in stream.noack_take(settings.batch_size, within=settings.batch_wait_s):
+                await hold_while_fenced()
                 try:
                     async with batch_lock:
                         flight = begin(events)
@@ -399,9 +415,21 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
             done = worker.last_offsets.get(tp.partition, -1) + 1
             try:
                 end = app.consumer.highwater(tp)
-                position = await app.consumer.position(tp)
+                # Bounded: aiokafka's position() waits while a partition has no valid
+                # position, which hung this monitor for good in the very stall it is
+                # meant to end (tests/test_faults.py, scaling).
+                position = await asyncio.wait_for(app.consumer.position(tp), POSITION_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                # Assigned but without a position: twice in a row with nothing processed
+                # meanwhile counts as stalled.
+                misses = worker.positionless.get(tp.partition, 0) + 1
+                worker.positionless[tp.partition] = misses
+                if misses >= 2 and worker.processed == worker.processed_at_check:
+                    stalled.append(tp)
+                continue
             except Exception:   # not fetched yet
                 continue
+            worker.positionless.pop(tp.partition, None)
             if end is not None:
                 metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, end - done))
             # Fetched past what reached the agent, not moving, nothing processed since
@@ -422,7 +450,12 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
                         sorted(tp.partition for tp in stalled), CONSUMER_LAG_EVERY_S)
             await app.consumer.perform_seek()
             for tp in stalled:
-                worker.positions_after_seek[tp.partition] = await app.consumer.position(tp)
+                worker.positionless.pop(tp.partition, None)
+                try:
+                    worker.positions_after_seek[tp.partition] = await asyncio.wait_for(
+                        app.consumer.position(tp), POSITION_TIMEOUT_S)
+                except Exception:
+                    pass
 
     app.clickscore = worker   # for tests and the demo: watermarks, loop lag
     from stream import kafka_compat   # all codecs read, --compression-type, stop on unreadable batches
