@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from stream import metrics, pipeline
+from stream import metrics, offsets, pipeline
 from stream.errors import ClickscoreError
 from stream.fencing import Fence
 from stream.scoring import ModelScorer
@@ -217,6 +217,8 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     worker = WorkerState()
     fence = Fence.for_app(app, settings.session_timeout_ms / 1000)   # stream/fencing.py
+    offsets.install(settings.input_topic)   # commit only offsets every record before which was scored
+    gap_memory = offsets.GapMemory()
     info = scorer.info
     timeout_ms = int(settings.session_timeout_s * 1000)
     topics = pipeline.Topics(settings.scores_topic, settings.next_items_topic, settings.dlq_topic,
@@ -408,6 +410,11 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
 
     @app.timer(CONSUMER_LAG_EVERY_S)
     async def consumer_lag_monitor() -> None:
+        try:
+            for action in await offsets.heal_head_gaps(app.consumer, settings.input_topic, gap_memory):
+                log.warning("%s", action)
+        except Exception:   # the watchdog must never die; the next tick tries again
+            log.exception("checking for unscored input failed")
         stalled = []
         for tp in app.consumer.assignment():
             if tp.topic != settings.input_topic:

@@ -1,0 +1,111 @@
+"""Commit only what was scored: guards around Faust 0.15.3's offset bookkeeping.
+
+    offsets.install(settings.input_topic)               # once, before the app starts
+    healed = await offsets.heal_head_gaps(app.consumer, settings.input_topic, memory)   # on a timer
+
+Why. The fault tests (tests/test_faults.py) lost events that never reached the agent:
+Faust sometimes drops records it has fetched (around a rebalance or recovery), and two
+pieces of its bookkeeping then commit past them, so no restart ever reads them again:
+- `Consumer._add_gap` treats any jump in the offsets it reads as a gap in the log
+  (compaction, transaction markers) and counts the skipped offsets as acked;
+- `Consumer._new_offset` lets the first run of acked offsets start one past the
+  committed offset (`min(acked) - committed > 1` where `>= 1` was meant) and does not
+  check at all before the first commit.
+For the input topic this module turns both off: an offset is committed only when every
+offset before it, from the committed one on, was acked by our agent (after its outputs
+were delivered). A hole then holds the commit back instead of being skipped, and
+`heal_head_gaps` (called by the worker's watchdog) seeks the partition back to its
+committed offset so the missing records are fetched and scored again; the rest of what
+follows is scored a second time (duplicates, never changed scores: the session state
+is idempotent). A hole that is still there after one such re-read is a real gap in
+the log (a transaction marker, a compacted record): it is then accepted, as Faust
+would have done.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("clickscore.offsets")
+
+_guarded_topics: set[str] = set()
+
+
+def install(input_topic: str) -> None:
+    """Guard `input_topic`'s commits (idempotent; other topics keep Faust's behaviour)."""
+    from faust.transport.consumer import Consumer
+
+    _guarded_topics.add(input_topic)
+    if getattr(Consumer, "_clickscore_guarded", False):
+        return
+    add_gap, new_offset = Consumer._add_gap, Consumer._new_offset
+
+    async def _add_gap(self, tp, offset_from: int, offset_to: int) -> None:
+        if tp.topic in _guarded_topics:
+            return    # a jump is not proof of a gap in the log: heal_head_gaps decides
+        await add_gap(self, tp, offset_from, offset_to)
+
+    def _new_offset(self, tp):
+        if tp.topic in _guarded_topics:
+            acked = self._acked[tp]
+            committed = self._committed_offset[tp]
+            if acked and committed is not None and min(acked) > committed:
+                return None   # offsets from `committed` on were never acked: hold the commit
+        return new_offset(self, tp)
+
+    Consumer._add_gap, Consumer._new_offset = _add_gap, _new_offset
+    Consumer._clickscore_guarded = True
+
+
+@dataclass
+class GapMemory:
+    """Per partition: the committed offset a hole was first seen at, and the one we
+    already sought back to once."""
+    seen: dict[int, int] = field(default_factory=dict)
+    sought: dict[int, int] = field(default_factory=dict)
+
+
+def head_gap(consumer: Any, tp: Any) -> tuple[int, int] | None:
+    """(committed, first acked) when acked offsets exist past a hole after the committed
+    offset, else None."""
+    acked = consumer._acked.get(tp) if hasattr(consumer._acked, "get") else consumer._acked[tp]
+    committed = consumer._committed_offset.get(tp)
+    if not acked or committed is None:
+        return None
+    first = min(acked)
+    return (committed, first) if first > committed else None
+
+
+async def heal_head_gaps(consumer: Any, input_topic: str, memory: GapMemory) -> list[str]:
+    """Seek partitions whose commit is held back by a hole (seen on two calls in a row)
+    back to the committed offset; accept a hole that survived one re-read. Returns what
+    was done, for the log."""
+    done = []
+    for tp in list(consumer.assignment()):
+        if tp.topic != input_topic:
+            continue
+        gap = head_gap(consumer, tp)
+        if gap is None:
+            memory.seen.pop(tp.partition, None)
+            continue
+        committed, first = gap
+        if memory.seen.get(tp.partition) != committed:
+            memory.seen[tp.partition] = committed    # first sighting: give it one more interval
+            continue
+        if memory.sought.get(tp.partition) == committed:
+            # Re-read once and still missing: the log has no records there.
+            acked = consumer._acked[tp]
+            missing = [o for o in range(committed, first) if o not in consumer._acked_index[tp]]
+            acked.extend(missing)
+            consumer._acked_index[tp].update(missing)
+            memory.sought.pop(tp.partition, None)
+            done.append(f"partition {tp.partition}: offsets {committed}..{first - 1} absent after a "
+                        "re-read, accepted as a gap in the log")
+        else:
+            await consumer.seek(tp, committed)
+            memory.sought[tp.partition] = committed
+            done.append(f"partition {tp.partition}: offsets {committed}..{first - 1} never reached the "
+                        "agent; sought back to the committed offset to score them")
+        memory.seen.pop(tp.partition, None)
+    return done
