@@ -1,0 +1,79 @@
+"""Commit guards (stream/offsets.py): a hole in the acked offsets holds the commit back,
+the watchdog seeks back once, and a hole that survives a re-read is accepted."""
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+from faust.types import TP
+
+from stream import offsets
+
+
+class ConsumerState:
+    """The four pieces of Faust 0.15.3's consumer bookkeeping that stream/offsets.py
+    reads and writes, with Faust's own container types."""
+
+    def __init__(self, tps, committed):
+        self._acked = defaultdict(list)
+        self._acked_index = defaultdict(set)
+        self._committed_offset = defaultdict(lambda: None, committed)
+        self._tps = tps
+        self.seeks = []
+
+    def assignment(self):
+        return set(self._tps)
+
+    async def seek(self, tp, offset):
+        self.seeks.append((tp.partition, offset))
+
+    def ack(self, tp, *offsets_):
+        for o in offsets_:
+            self._acked[tp].append(o)
+            self._acked_index[tp].add(o)
+
+
+def test_a_hole_after_the_committed_offset_is_sought_once_then_accepted():
+    tp, other = TP("clicks", 0), TP("clicks", 1)
+    consumer = ConsumerState([tp, other, TP("elsewhere", 0)], {tp: 10, other: 5})
+    consumer.ack(tp, 12, 13, 14)          # 10 and 11 never reached the agent
+    consumer.ack(other, 5, 6)             # no hole
+    memory = offsets.GapMemory()
+    run = lambda: asyncio.run(offsets.heal_head_gaps(consumer, "clicks", memory))  # noqa: E731
+    assert offsets.head_gap(consumer, tp) == (10, 12) and offsets.head_gap(consumer, other) is None
+    assert run() == [] and consumer.seeks == []           # first sighting: wait one interval
+    actions = run()
+    assert consumer.seeks == [(0, 10)] and "sought back" in actions[0]
+    assert run() == []                                    # re-read under way: seen afresh
+    actions = run()                                       # still missing after the re-read
+    assert "accepted as a gap" in actions[0]
+    assert sorted(consumer._acked[tp]) == [10, 11, 12, 13, 14] and consumer.seeks == [(0, 10)]
+
+
+def test_a_hole_filled_by_the_re_read_is_forgotten():
+    tp = TP("clicks", 0)
+    consumer = ConsumerState([tp], {tp: 3})
+    consumer.ack(tp, 5)
+    memory = offsets.GapMemory()
+    asyncio.run(offsets.heal_head_gaps(consumer, "clicks", memory))
+    asyncio.run(offsets.heal_head_gaps(consumer, "clicks", memory))
+    assert consumer.seeks == [(0, 3)]
+    consumer.ack(tp, 3, 4)                                # the re-read scored them
+    assert offsets.head_gap(consumer, tp) is None
+    assert asyncio.run(offsets.heal_head_gaps(consumer, "clicks", memory)) == []
+    assert memory.seen == {}
+
+
+def test_installed_guards_hold_the_commit_at_a_hole_for_the_input_topic_only():
+    from faust.transport.consumer import Consumer
+
+    offsets.install("clicks")
+    tp, elsewhere = TP("clicks", 0), TP("elsewhere", 0)
+    state = ConsumerState([tp, elsewhere], {tp: 10, elsewhere: 10})
+    state._gap = defaultdict(lambda: None)
+    state.ack(tp, 11, 12)
+    assert Consumer._new_offset(state, tp) is None        # Faust alone would commit 13
+    state.ack(tp, 10)
+    assert Consumer._new_offset(state, tp) == 13
+    asyncio.run(Consumer._add_gap(state, tp, 20, 25))     # a jump is not taken as a gap
+    assert 20 not in state._acked[tp]
