@@ -10,7 +10,8 @@ pieces of its bookkeeping then commit past them, so no restart ever reads them a
   (compaction, transaction markers) and counts the skipped offsets as acked;
 - `Consumer._new_offset` lets the first run of acked offsets start one past the
   committed offset (`min(acked) - committed > 1` where `>= 1` was meant) and does not
-  check at all before the first commit.
+  check at all before the first commit, so records dropped at the very start of a
+  partition were committed past by the first commit.
 For the input topic this module turns both off: an offset is committed only when every
 offset before it, from the committed one on, was acked by our agent (after its outputs
 were delivered). A hole then holds the commit back instead of being skipped, and
@@ -49,13 +50,20 @@ def install(input_topic: str) -> None:
     def _new_offset(self, tp):
         if tp.topic in _guarded_topics:
             acked = self._acked[tp]
-            committed = self._committed_offset[tp]
-            if acked and committed is not None and min(acked) > committed:
+            # Before the first commit the partition was read from its start: offset 0 on
+            # a fresh topic (where retention removed a head, heal_head_gaps accepts it).
+            if acked and min(acked) > start_offset(self._committed_offset[tp]):
                 return None   # offsets from `committed` on were never acked: hold the commit
         return new_offset(self, tp)
 
     Consumer._add_gap, Consumer._new_offset = _add_gap, _new_offset
     Consumer._clickscore_guarded = True
+
+
+def start_offset(committed: int | None) -> int:
+    """The first offset the agent must ack: the committed one, or the partition's start
+    (0) when nothing was committed yet (Faust keeps None, or -1 from the broker)."""
+    return committed if committed is not None and committed > 0 else 0
 
 
 @dataclass
@@ -70,8 +78,8 @@ def head_gap(consumer: Any, tp: Any) -> tuple[int, int] | None:
     """(committed, first acked) when acked offsets exist past a hole after the committed
     offset, else None."""
     acked = consumer._acked.get(tp) if hasattr(consumer._acked, "get") else consumer._acked[tp]
-    committed = consumer._committed_offset.get(tp)
-    if not acked or committed is None:
+    committed = start_offset(consumer._committed_offset.get(tp))
+    if not acked:
         return None
     first = min(acked)
     return (committed, first) if first > committed else None

@@ -77,3 +77,20 @@ def test_installed_guards_hold_the_commit_at_a_hole_for_the_input_topic_only():
     assert Consumer._new_offset(state, tp) == 13
     asyncio.run(Consumer._add_gap(state, tp, 20, 25))     # a jump is not taken as a gap
     assert 20 not in state._acked[tp]
+
+
+def test_before_the_first_commit_the_partition_start_counts_as_committed():
+    from faust.transport.consumer import Consumer
+
+    offsets.install("clicks")
+    tp = TP("clicks", 2)
+    state = ConsumerState([tp], {})
+    state._gap = defaultdict(lambda: None)
+    state.ack(tp, 3, 4)                                   # 0..2 dropped before the agent saw them
+    assert Consumer._new_offset(state, tp) is None        # Faust alone would commit 5
+    assert offsets.head_gap(state, tp) == (0, 3)
+    memory = offsets.GapMemory()
+    asyncio.run(offsets.heal_head_gaps(state, "clicks", memory))
+    asyncio.run(offsets.heal_head_gaps(state, "clicks", memory))
+    assert state.seeks == [(2, 0)]
+    assert offsets.start_offset(-1) == offsets.start_offset(None) == 0 and offsets.start_offset(7) == 7
