@@ -128,6 +128,7 @@ class InFlight:
     batch: Any                            # pipeline.Batch
     scoring: "asyncio.Future"             # -> (pipeline.Scores, inference seconds)
     started: float                        # perf_counter when the batch was begun
+    evictions: int = 0                    # WorkerState.evictions when it was begun
 
 
 def _write_in_event_context(event: Any, write, *args) -> None:
@@ -152,6 +153,7 @@ class WorkerState:
     positions_at_check: dict[int, int] = field(default_factory=dict)
     positions_after_seek: dict[int, int] = field(default_factory=dict)
     positionless: dict[int, int] = field(default_factory=dict)  # partition -> checks without a position
+    evictions: int = 0                                          # times the group evicted us (fence)
 
 
 def _set_fetch_max_wait(fetch_max_wait_ms: int) -> None:
@@ -263,7 +265,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         # [window] -> scores, off the event loop. One inference thread scores batches in
         # the order they were begun, so a session's events are scored in order.
         scoring = asyncio.get_running_loop().run_in_executor(executor, timed_score, batch.windows)
-        return InFlight(events, records, batch, scoring, started)
+        return InFlight(events, records, batch, scoring, started, worker.evictions)
 
     def whole_batch_failed(records: list, exc: Exception, where: str) -> pipeline.Batch:
         detail = pipeline.internal_error(exc, where)
@@ -274,18 +276,28 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         t0 = time.perf_counter()
         return pipeline.score_isolated(scorer.score, windows, settings.top_k), time.perf_counter() - t0
 
-    async def hold_while_fenced() -> None:
+    async def hold_while_fenced() -> bool:
         """After a freeze past the session timeout our partitions may be another
         worker's: send and write nothing until the consumer group has answered (see
-        stream/fencing.py). Holding, not dropping: if the group kept us, the batch is
-        still ours and must be scored; if it did not, Faust re-seeks what we still own
-        and the batch's outputs are duplicates the new owner also sends."""
-        if fence.blocks_batch():
-            while fence.reason() is not None:
-                await asyncio.sleep(0.05)
+        stream/fencing.py). Returns True when the batch must be dropped unsent and
+        unacked: the group evicted us meanwhile (a new generation, or our member id was
+        reset), so Faust re-seeks the partitions we still own to their committed offsets
+        and the others are their new owner's. False when the group kept us: the batch is
+        still ours and is scored as usual."""
+        if not fence.blocks_batch():
+            return False
+        at_freeze = fence.suspended_at_generation     # set by the fence's ticker thread
+        while fence.reason() is not None:
+            await asyncio.sleep(0.05)
+        view = fence._view()
+        evicted = at_freeze is None or view is None or view.generation != at_freeze
+        if evicted:
+            worker.evictions += 1   # every batch begun before now is dropped too
+        return evicted
 
-    async def complete(flight: "InFlight") -> None:
-        """Stage 3, on the event loop: outputs of a scored batch, delivered and checked."""
+    async def complete(flight: "InFlight") -> bool:
+        """Stage 3, on the event loop: outputs of a scored batch, delivered and checked.
+        False when the batch was dropped by the fence (not delivered: do not ack)."""
         try:
             scores, seconds = await flight.scoring
         except Exception as exc:   # outside score_isolated's guard (which catches the model's own)
@@ -309,7 +321,10 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
             metrics.EVENTS_DEAD_LETTERED.labels(reason=reason).inc(count)
         for probability in done.buy_probabilities:
             metrics.BUY_PROBABILITY.observe(probability)
-        await hold_while_fenced()
+        if await hold_while_fenced() or flight.evictions != worker.evictions:
+            log.warning("dropped a batch of %d events unsent after an eviction (re-read from committed offsets)",
+                        len(records))
+            return False
         await pipeline.deliver(send, done.outputs, records, settings.dlq_topic, SEND_ATTEMPTS, SEND_BACKOFF_S)
         for out in done.outputs:
             if out.topic in scored:
@@ -318,6 +333,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         for record in records:
             if record.timestamp:
                 metrics.END_TO_END_SECONDS.observe(max(0.0, now - record.timestamp))
+        return True
 
     def evict_idle_sessions() -> None:
         worker.last_scan = time.monotonic()
@@ -363,13 +379,14 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         while True:
             flight = await in_flight.get()
             try:
-                await complete(flight)
+                delivered = await complete(flight)
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:
                 fail(exc)
-            for event in flight.events:
-                await stream.ack(event)
+            if delivered:
+                for event in flight.events:
+                    await stream.ack(event)
             in_flight.task_done()
 
     @app.agent(clicks, name="score_clicks")
@@ -379,7 +396,8 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         sender = asyncio.ensure_future(deliver_in_order(stream))
         try:
             async for events in stream.noack_take(settings.batch_size, within=settings.batch_wait_s):
-                await hold_while_fenced()
+                if await hold_while_fenced():
+                    continue   # evicted meanwhile: unacked, re-read from the committed offsets
                 try:
                     async with batch_lock:
                         flight = begin(events)
