@@ -177,6 +177,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
     """The Faust app: topics, the sessions table (and the trigger-state table when
     `rules`, a stream.triggers.RuleSet, is given), the scoring agent and two monitors."""
     import faust
+    from faust.types import TP
 
     _set_fetch_max_wait(settings.fetch_max_wait_ms)
     data_dir = settings.data_dir or str(Path(tempfile.gettempdir()) / f"clickscore-{settings.app_id}")
@@ -221,6 +222,10 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
     fence = Fence.for_app(app, settings.session_timeout_ms / 1000)   # stream/fencing.py
     offsets.install(settings.input_topic)   # commit only offsets every record before which was scored
     gap_memory = offsets.GapMemory()
+    order_guard = offsets.OrderGuard()
+
+    def committed_offset(partition: int) -> int | None:
+        return app.consumer._committed_offset.get(TP(settings.input_topic, partition))
     info = scorer.info
     timeout_ms = int(settings.session_timeout_s * 1000)
     topics = pipeline.Topics(settings.scores_topic, settings.next_items_topic, settings.dlq_topic,
@@ -245,9 +250,19 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         """Stage 1, on the event loop: decode, key check, advance and write session state,
         then hand the windows to the inference thread. Returns at once."""
         started = time.perf_counter()
+        # Records past a hole (Faust dropped fetched records before us) wait for the hole
+        # to be re-read: scored out of order, they would skip an event of their session.
+        records = [pipeline.Record.of(ev.message) for ev in events]
+        keep, seek = offsets.split_in_order(records, committed_offset, order_guard, time.monotonic())
+        for partition, offset in seek.items():
+            log.warning("partition %d: records before offset %d... never reached the agent; holding later "
+                        "ones and seeking back to %d", partition, offset, offset)
+            asyncio.ensure_future(app.consumer.seek(TP(settings.input_topic, partition), offset))
+        if len(keep) < len(records):
+            events = [events[i] for i in keep]
+            records = [records[i] for i in keep]
         consumed.inc(len(events))
         worker.processed += len(events)
-        records = [pipeline.Record.of(ev.message) for ev in events]
         try:
             for record in records:
                 worker.last_offsets[record.partition] = record.offset

@@ -117,3 +117,53 @@ async def heal_head_gaps(consumer: Any, input_topic: str, memory: GapMemory) -> 
                         "agent; sought back to the committed offset to score them")
         memory.seen.pop(tp.partition, None)
     return done
+
+
+# -- in-order guard (the agent's side) -------------------------------------------------------
+
+SEEK_PATIENCE_S = 5.0   # how long records past a hole are held back after seeking to it
+
+
+@dataclass
+class OrderGuard:
+    """Per partition: the next offset the agent must score, and a pending seek back to a
+    hole as (offset, deadline). A record past a hole must not be scored before the ones
+    missing (a session's state would skip an event and every later score would differ)."""
+    next_offset: dict[int, int] = field(default_factory=dict)
+    sought: dict[int, tuple[int, float]] = field(default_factory=dict)
+
+
+def split_in_order(records: list, committed_of, guard: OrderGuard, now: float) -> tuple[list[int], dict[int, int]]:
+    """(indices of the records to score now, {partition: offset to seek back to}).
+
+    A record whose offset is past the next expected one (the larger of what this worker
+    scored last + 1 and the committed offset) means records before it never reached the
+    agent: it and the rest of its partition in this batch are held back (left unacked)
+    and the partition is sought back to the hole. Records at or below the expected
+    offset are scored (re-deliveries are replayed from the state). A hole that persists
+    SEEK_PATIENCE_S after the seek is a real gap in the log and is accepted."""
+    keep: list[int] = []
+    seek: dict[int, int] = {}
+    held: set[int] = set()
+    for index, record in enumerate(records):
+        partition = record.partition
+        if partition in held:
+            continue
+        expected = max(guard.next_offset.get(partition, 0), start_offset(committed_of(partition)))
+        if record.offset > expected:
+            pending = guard.sought.get(partition)
+            if pending is None or pending[0] != expected:
+                guard.sought[partition] = (expected, now + SEEK_PATIENCE_S)
+                seek[partition] = expected
+                held.add(partition)
+                continue
+            if now < pending[1]:
+                held.add(partition)     # still waiting for the re-read
+                continue
+            log.warning("partition %d: offsets %d..%d absent after a re-read, accepted as a gap in the log",
+                        partition, expected, record.offset - 1)
+        if record.offset >= expected:
+            guard.sought.pop(partition, None)
+        keep.append(index)
+        guard.next_offset[partition] = max(guard.next_offset.get(partition, 0), record.offset + 1)
+    return keep, seek

@@ -94,3 +94,30 @@ def test_before_the_first_commit_the_partition_start_counts_as_committed():
     asyncio.run(offsets.heal_head_gaps(state, "clicks", memory))
     assert state.seeks == [(2, 0)]
     assert offsets.start_offset(-1) == offsets.start_offset(None) == 0 and offsets.start_offset(7) == 7
+
+
+def test_records_past_a_hole_wait_for_it_and_a_lasting_hole_is_accepted():
+    from stream.pipeline import Record
+
+    def recs(*pairs):
+        return [Record("clicks", p, o, b"k", b"v") for p, o in pairs]
+
+    guard = offsets.OrderGuard()
+    committed = {0: 10, 1: None}
+    keep, seek = offsets.split_in_order(recs((0, 10), (1, 0), (0, 11), (1, 1)), committed.get, guard, 0.0)
+    assert keep == [0, 1, 2, 3] and seek == {}
+    # 12 and 13 of partition 0 never arrived: 14 and what follows wait, the partition is sought back.
+    keep, seek = offsets.split_in_order(recs((0, 14), (1, 2), (0, 15)), committed.get, guard, 1.0)
+    assert keep == [1] and seek == {0: 12}
+    keep, seek = offsets.split_in_order(recs((0, 14)), committed.get, guard, 2.0)    # pre-seek leftovers
+    assert keep == [] and seek == {}
+    keep, seek = offsets.split_in_order(recs((0, 12), (0, 13), (0, 14)), committed.get, guard, 3.0)
+    assert keep == [0, 1, 2] and guard.sought == {}
+    # A re-delivery below the expected offset is scored (replayed from the state).
+    keep, _ = offsets.split_in_order(recs((0, 11)), committed.get, guard, 4.0)
+    assert keep == [0]
+    # A hole that is still there after the patience is a real gap (a transaction marker).
+    keep, seek = offsets.split_in_order(recs((0, 20)), committed.get, guard, 5.0)
+    assert keep == [] and seek == {0: 15}
+    keep, seek = offsets.split_in_order(recs((0, 20)), committed.get, guard, 5.0 + offsets.SEEK_PATIENCE_S + 1)
+    assert keep == [0] and guard.next_offset[0] == 21
