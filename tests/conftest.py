@@ -86,3 +86,19 @@ def yoochoose(tmp_path_factory, datasets) -> Path:
     assert main(["prepare", "--dataset", "yoochoose", "--input", str(datasets / "yoochoose-100k"),
                  "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A small GRU made once per test session by the real simulate -> prepare -> train ->
+    export commands (bench/workerkit.build_model); tests copy it before changing it."""
+    sys.path.insert(0, str(REPO))   # bench/ is not an installed package
+    from bench.workerkit import build_model
+    return build_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="session")
+def scorer(model_dir):
+    """The runtime scorer of `model_dir` (offline reference for streaming outputs)."""
+    from stream.scoring import ModelScorer
+    return ModelScorer(model_dir, provider="cpu")

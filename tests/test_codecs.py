@@ -34,7 +34,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # bench/ is not an installed package
 
-from bench.workerkit import (CLICKSCORE, WorkerProcess, build_model, offline_scores, produce,  # noqa: E402
+from bench.workerkit import (CLICKSCORE, WorkerProcess, offline_scores, produce,  # noqa: E402
                              read_topic, values)
 from conftest import free_port  # noqa: E402
 from stream.kafka_compat import CODEC_NAMES, COMPRESSION_TYPES  # noqa: E402
@@ -167,16 +167,6 @@ def topics() -> dict[str, str]:
 
 
 # -- fixtures -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_model(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def scorer(model_dir):
-    from stream.scoring import ModelScorer
-    return ModelScorer(model_dir, provider="cpu")
 
 
 @pytest.fixture(scope="module")

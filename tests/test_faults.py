@@ -24,7 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # bench/ is not an installed package
 
-from bench.workerkit import CLICKSCORE, WorkerProcess, build_model, offline_scores, produce, read_topic, values  # noqa: E402
+from bench.workerkit import CLICKSCORE, WorkerProcess, offline_scores, produce, read_topic, values  # noqa: E402
 from conftest import free_port  # noqa: E402
 from test_worker import (assert_matches_offline, assert_only_long_sessions_unscorable, by_session,  # noqa: E402
                          event_dicts, expected_buyer_events, read_accounted, topics)
@@ -34,16 +34,6 @@ LONG_TIMEOUT = ["--session-timeout-s", str(100 * 86400)]   # compare with whole-
 ARGS = ["--top-k", str(TOP_K), "--batch-size", "32", "--partitions", "4", *LONG_TIMEOUT]
 GROUP_SESSION_TIMEOUT_S = 6.0   # WorkerProcess passes --session-timeout-ms 6000
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_model(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def scorer(model_dir):
-    from stream.scoring import ModelScorer
-    return ModelScorer(model_dir, provider="cpu")
 
 
 def simulated_log(tmp_path: Path, sessions: int, seed: int, prefix: str) -> list[dict]:

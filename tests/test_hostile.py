@@ -14,12 +14,11 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # bench/ is not an installed package
 
-from bench.workerkit import WorkerProcess, build_model, produce, read_topic, values  # noqa: E402
+from bench.workerkit import WorkerProcess, produce, read_topic, values  # noqa: E402
 from conftest import free_port  # noqa: E402
 
 MAX_MESSAGE_BYTES = 16384
@@ -27,10 +26,6 @@ T0 = 1_767_571_253_772
 N_HOSTILE = 10_500
 N_VALID = 3_000
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_model(tmp_path_factory.mktemp("model"))
 
 
 def valid_event(rng: random.Random, i: int) -> dict:
