@@ -35,7 +35,7 @@ import numpy as np
 from bench.record import append_result, machine
 from stream.events import EVENT_TYPES
 from stream.features import (EVENT_ROW, INPUT_NAMES, ITEM_OFFSET, WINDOW, FeatureArtefacts, encode_windows,
-                             session_rows)
+                             id_hashes, session_rows)
 from stream.scoring import STEP_FILE, STEP_INPUT_NAMES, TOP_K_OUTPUTS, ModelScorer, new_state_name
 
 KINDS = ("gru", "dilated")
@@ -72,8 +72,8 @@ def random_window(rng: np.random.Generator, artefacts: FeatureArtefacts, length:
     """A full session window of `length` events with valid random items, categories, times, prices."""
     timestamps = 1_700_000_000_000 + np.cumsum(rng.integers(1_000, 120_000, length))
     return session_rows(rng.integers(1, len(EVENT_TYPES) + 1, length),
-                        rng.integers(ITEM_OFFSET, artefacts.n_items, length),
-                        rng.integers(3, artefacts.n_categories, length), timestamps,
+                        artefacts.item_hashes[rng.integers(0, artefacts.n_items - ITEM_OFFSET, length)],
+                        id_hashes(rng.choice(artefacts.categories, length).tolist()), timestamps,
                         rng.uniform(1, 500, length).astype(np.float32))
 
 

@@ -140,7 +140,7 @@ def offline_scores(scorer, sessions: dict[str, list[dict]], top_k: int) -> dict[
     """event_id -> (buy probability, top-k item ids, their scores, event count), scoring
     windows built by features.session_rows over each session's whole log (the training path)."""
     from stream.events import EVENT_TYPES
-    from stream.features import session_rows
+    from stream.features import id_hashes, session_rows
 
     art = scorer.artefacts
     W = art.window
@@ -148,8 +148,8 @@ def offline_scores(scorer, sessions: dict[str, list[dict]], top_k: int) -> dict[
     for events in sessions.values():
         rows = session_rows(
             np.array([EVENT_TYPES[e["event_type"]] for e in events]),
-            art.item_indices([e["item_id"] for e in events]),
-            art.category_indices([e.get("category_id") for e in events]),
+            id_hashes([e["item_id"] for e in events]),
+            id_hashes([e.get("category_id") for e in events]),
             np.array([e["timestamp"] for e in events], dtype=np.int64),
             np.array([np.nan if e.get("price") is None else e["price"] for e in events], dtype=np.float64))
         for k, e in enumerate(events):

@@ -7,8 +7,9 @@
 
 The contract checked on every input: nothing but InvalidEvent escapes decode, and an
 accepted event gives a key that encodes, a state that keeps its invariants and round
-trips through bytes, and model inputs that are finite and inside their embedding
-ranges. Anything else is a crash: libFuzzer writes the input to `crash-<sha1>` (see
+trips through bytes (the committed offset lags the input by COMMIT_LAG, so replay
+margins grow and every uncommitted row must replay), and model inputs that are finite
+and inside their embedding ranges. Anything else is a crash: libFuzzer writes the input to `crash-<sha1>` (see
 -artifact_prefix) and the run stops. Turn each one into a regression case in
 fuzz/regressions/ (tests/test_fuzz.py replays them).
 
@@ -44,12 +45,13 @@ if __name__ == "__main__":
 from stream.events import ClickEvent, InvalidEvent, decode
 from stream.features import (N_EVENT_TYPES, N_HOURS, N_MONTHS, N_WEEKDAYS, N_WEEKS, FeatureArtefacts,
                              encode_windows)
-from stream.session_state import SessionState, advance, replay_view
+from stream.session_state import MAX_REPLAY_ROWS, SessionState, advance, replay_view
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTEFACTS = FeatureArtefacts.load(ROOT / "onnx_models" / "default" / "features.json")
 TIMEOUT_MS = 30 * 60 * 1000
 MAX_SESSIONS = 256          # the evolving table is cleared past this, to keep runs fast
+COMMIT_LAG = 120            # inputs applied but not yet committed: kept for re-delivery
 
 _sessions: dict[bytes, SessionState] = {}
 _offset = 0
@@ -75,14 +77,20 @@ def check_inputs(inputs: dict[str, np.ndarray], length: int) -> None:
         assert np.isfinite(values).all(), f"{name}: non-finite input {values[~np.isfinite(values)][:3]}"
 
 
-def check_state(state: SessionState, offset: int) -> None:
-    n = len(state.window)
-    assert 1 <= n <= ARTEFACTS.window and len(state.offsets) == n, (n, len(state.offsets))
-    assert state.event_count >= n and (state.event_count == n or n == ARTEFACTS.window)
-    assert state.last_offset == offset
+def check_state(state: SessionState, offset: int, committed: int) -> None:
+    n, kept = len(state.window), len(state.rows)
+    W = ARTEFACTS.window
+    assert 1 <= n <= W and len(state.offsets) == kept and n <= kept <= W + MAX_REPLAY_ROWS, (n, kept)
+    assert state.event_count >= kept and (state.event_count == n or n == W)
+    assert state.last_offset == offset and (np.diff(state.offsets) > 0).all()
     assert SessionState.from_bytes(state.to_bytes()).to_bytes() == state.to_bytes()
     replay = replay_view(state, offset)
     assert replay is not None and replay.window.tobytes() == state.window.tobytes()
+    for j in np.flatnonzero(state.offsets >= committed):     # may be re-delivered: must replay
+        replay = replay_view(state, int(state.offsets[j]))
+        assert replay is not None, (j, kept, state.event_count)
+        assert len(replay.window) == min(W, replay.event_count)
+        assert replay.window[-1:].tobytes() == state.rows[j:j + 1].tobytes()
     check_inputs(encode_windows([state.window], ARTEFACTS), n)
 
 
@@ -167,9 +175,10 @@ def check_message(data: bytes) -> ClickEvent | InvalidEvent:
     _offset += 1
     if len(_sessions) >= MAX_SESSIONS:
         _sessions.clear()
-    state = advance(_sessions.get(key), event, ARTEFACTS, 0, _offset, TIMEOUT_MS)
+    committed = _offset - COMMIT_LAG
+    state = advance(_sessions.get(key), event, ARTEFACTS, 0, _offset, TIMEOUT_MS, lambda partition: committed)
     _sessions[key] = state
-    check_state(state, _offset)
+    check_state(state, _offset, committed)
     return event
 
 

@@ -267,8 +267,10 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
             for record in records:
                 worker.last_offsets[record.partition] = record.offset
             # (record) -> event | dead letter; (event, state) -> state
+            # committed_offset: rows not yet committed stay in the state (replay margin) so a
+            # re-delivered event is scored again as it was the first time.
             batch = pipeline.prepare(records, sessions.data.get, scorer.artefacts, timeout_ms,
-                                     settings.max_message_bytes, unreadable_state)
+                                     settings.max_message_bytes, unreadable_state, committed_offset)
             for key, (value, index) in batch.state_writes.items():
                 _write_in_event_context(events[index], sessions.__setitem__, key, value)
             for partition, watermark in batch.watermarks.items():

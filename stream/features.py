@@ -3,8 +3,9 @@ model input, called by training (to build examples), evaluation and the streamin
 worker alike, so streaming scores equal offline scores by construction.
 
 Data flow:
-    ClickEvent --(append_event)--> session window (structured array of EventRow)
-               --(encode_windows)--> model inputs, each (B, W)
+    ClickEvent --(append_event)--> session window (structured array of EventRow; item
+                                   and category as 64-bit hashes of their raw ids)
+               --(encode_windows: hash -> the model's vocabulary index)--> model inputs, each (B, W)
                --(encode_last_events)--> the last event's inputs, each (B,) (step graph)
 
 Seed feature set (exactly):
@@ -19,6 +20,17 @@ what lets training score every prefix of a session in one causal pass.
 The vocabularies and statistics are artefacts fitted at training time
 (`FeatureArtefacts.fit`) and shipped beside the model (`features.json`); serving
 only loads them. This module needs only numpy.
+
+Why rows hold id hashes, not vocabulary indices: a stored session (the worker's table,
+its changelog) must mean the same under any model, so a model with another vocabulary
+(a hot swap) reads it right. `id_hash` is BLAKE2b (RFC 7693, Python's hashlib, no extra
+dependency) with an 8-byte digest of the id's UTF-8 bytes (lone surrogates passed
+through), read little-endian: stable across processes and versions, unlike Python's
+`hash()`, and reproducible in any language. About 0.8 us an id; each event hashes two.
+Two values are reserved: HASH_MISSING (an event without a category) and HASH_UNKNOWN (an
+id no longer known: a v1 state's OOV row). Each FeatureArtefacts sorts its vocabulary's
+hashes once, so encoding maps a (B, W) block of hashes with one np.searchsorted, and it
+refuses (ArtefactError) a vocabulary in which two ids share a hash.
 """
 from __future__ import annotations
 
@@ -50,12 +62,15 @@ N_WEEKS = 53 + 1
 
 DWELL_CAP_SECONDS = 24 * 3600.0   # gaps beyond a day carry no more information
 
-# One row per event in a session window. Kept compact (25 bytes) because every
+HASH_MISSING = 0      # category hash of an event without a category
+HASH_UNKNOWN = 1      # an id no longer known (a migrated v1 OOV row): reads as OOV
+
+# One row per event in a session window. Kept compact (33 bytes) because every
 # table update ships the whole window to the changelog topic.
 EVENT_ROW = np.dtype([
     ("event_type", "u1"),
-    ("item", "<i4"),
-    ("category", "<i4"),
+    ("item", "<u8"),        # id_hash(item_id): model-independent
+    ("category", "<u8"),    # id_hash(category_id), HASH_MISSING when the event has none
     ("timestamp", "<i8"),   # UTC epoch ms
     ("price", "<f4"),       # NaN when the event has no price
     ("gap", "<f4"),         # seconds since the previous event of the session, NaN for the first
@@ -83,11 +98,35 @@ class FeatureArtefacts:
     schema_version: int = SCHEMA_VERSION
     _item_index: dict[str, int] = field(init=False, repr=False, compare=False)
     _category_index: dict[str, int] = field(init=False, repr=False, compare=False)
+    _item_lookup: "HashLookup" = field(init=False, repr=False, compare=False)
+    _category_lookup: "HashLookup" = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "_item_index", {k: i + ITEM_OFFSET for i, k in enumerate(self.items)})
         object.__setattr__(self, "_category_index",
                            {k: i + CATEGORY_OFFSET for i, k in enumerate(self.categories)})
+        object.__setattr__(self, "_item_lookup", HashLookup.build(self.items, ITEM_OFFSET, ITEM_OOV, "item"))
+        object.__setattr__(self, "_category_lookup",
+                           HashLookup.build(self.categories, CATEGORY_OFFSET, CATEGORY_OOV, "category"))
+
+    def item_indices_of_hashes(self, hashes: np.ndarray) -> np.ndarray:
+        """Row item hashes (any shape) -> this model's item indices (ITEM_OOV when unknown)."""
+        return self._item_lookup(hashes)
+
+    def category_indices_of_hashes(self, hashes: np.ndarray) -> np.ndarray:
+        """Row category hashes -> indices: CATEGORY_MISSING for HASH_MISSING, else known or OOV."""
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        return np.where(hashes == HASH_MISSING, CATEGORY_MISSING, self._category_lookup(hashes))
+
+    @property
+    def item_hashes(self) -> np.ndarray:
+        """(n_known_items,) uint64: id_hash of each vocabulary item, in index order."""
+        return self._item_lookup.by_position
+
+    def category_id(self, index: int) -> str | None:
+        """Inverse of category_index for known categories; None for padding/missing/OOV."""
+        k = int(index) - CATEGORY_OFFSET
+        return self.categories[k] if 0 <= k < len(self.categories) else None
 
     @property
     def n_items(self) -> int:
@@ -205,6 +244,56 @@ class FeatureArtefacts:
         )
 
 
+def id_hash(raw_id: str | None) -> int:
+    """The row form of a raw item or category id (see the module docstring)."""
+    if raw_id is None:
+        return HASH_MISSING
+    return int.from_bytes(hashlib.blake2b(raw_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "little")
+
+
+def id_hashes(raw_ids: Iterable[str | None]) -> np.ndarray:
+    """Bulk id_hash (training's path): each distinct id is hashed once. (N,) uint64."""
+    ids = list(raw_ids)
+    distinct: dict[str | None, int] = {}
+    for raw in ids:
+        if raw not in distinct:
+            distinct[raw] = id_hash(raw)
+    return np.fromiter((distinct[raw] for raw in ids), dtype=np.uint64, count=len(ids))
+
+
+@dataclass(frozen=True)
+class HashLookup:
+    """A vocabulary's id hashes, sorted once, for vectorised hash -> index mapping."""
+    sorted_hashes: np.ndarray     # (V,) uint64 ascending
+    indices: np.ndarray           # (V,) int64: the model index of each sorted hash
+    by_position: np.ndarray       # (V,) uint64: hash of vocabulary entry k (index k + offset)
+    unknown: int                  # index of a hash not in the vocabulary
+
+    @classmethod
+    def build(cls, ids: Sequence[str], offset: int, unknown: int, what: str) -> "HashLookup":
+        hashes = id_hashes(ids)
+        order = np.argsort(hashes, kind="stable")
+        ordered = hashes[order]
+        clash = np.flatnonzero(ordered[1:] == ordered[:-1])
+        if len(clash):
+            a, b = ids[order[clash[0]]], ids[order[clash[0] + 1]]
+            raise ArtefactError(f"{what} ids {a!r} and {b!r} share the 64-bit id hash {int(ordered[clash[0]])}: "
+                                "stored sessions could not tell them apart; rename one of them and retrain")
+        reserved = np.isin(hashes, np.array([HASH_MISSING, HASH_UNKNOWN], dtype=np.uint64))
+        if reserved.any():
+            raise ArtefactError(f"{what} id {ids[int(np.flatnonzero(reserved)[0])]!r} hashes to a reserved "
+                                "value (missing/unknown): rename it and retrain")
+        return cls(ordered, order.astype(np.int64) + offset, hashes, unknown)
+
+    def __call__(self, hashes: np.ndarray) -> np.ndarray:
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        if not len(self.sorted_hashes):
+            return np.full(hashes.shape, self.unknown, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.sorted_hashes, hashes), len(self.sorted_hashes) - 1)
+        return np.where(self.sorted_hashes[at] == hashes, self.indices[at], self.unknown)
+
+
 def _log_gap(gap_seconds: np.ndarray) -> np.ndarray:
     # Out-of-order events give negative gaps: treat as simultaneous.
     return np.log1p(np.clip(gap_seconds, 0.0, DWELL_CAP_SECONDS))
@@ -220,8 +309,8 @@ def event_row(event: ClickEvent, artefacts: FeatureArtefacts, previous_timestamp
     """One EVENT_ROW for an event, given the timestamp of the session's previous event."""
     row = np.zeros(1, dtype=EVENT_ROW)
     row["event_type"] = EVENT_TYPES[event.event_type]
-    row["item"] = artefacts.item_index(event.item_id)
-    row["category"] = artefacts.category_index(event.category_id)
+    row["item"] = id_hash(event.item_id)            # model-independent: mapped at encoding
+    row["category"] = id_hash(event.category_id)
     row["timestamp"] = event.timestamp
     row["price"] = np.nan if event.price is None else event.price
     row["gap"] = np.nan if previous_timestamp is None else (event.timestamp - previous_timestamp) / 1000.0
@@ -237,7 +326,8 @@ def append_event(window: np.ndarray, event: ClickEvent, artefacts: FeatureArtefa
 
 def session_rows(event_types: np.ndarray, items: np.ndarray, categories: np.ndarray,
                  timestamps: np.ndarray, prices: np.ndarray) -> np.ndarray:
-    """All rows of one session at once (training's bulk path; equals repeated append_event)."""
+    """All rows of one session at once (training's bulk path; equals repeated append_event).
+    `items` and `categories` are id hashes (`id_hashes(raw ids)`), as append_event stores."""
     n = len(timestamps)
     rows = np.zeros(n, dtype=EVENT_ROW)
     rows["event_type"] = event_types
@@ -327,8 +417,9 @@ def _encode_rows(flat: np.ndarray, valid: np.ndarray, artefacts: FeatureArtefact
 
     return {
         "event_type": cat(flat["event_type"]),
-        "item": cat(flat["item"]),
-        "category": cat(flat["category"]),
+        # Rows hold id hashes; this model's vocabulary gives the indices (OOV when unknown).
+        "item": cat(artefacts.item_indices_of_hashes(flat["item"])),
+        "category": cat(artefacts.category_indices_of_hashes(flat["category"])),
         "hour": cat(hour),
         "weekday": cat(weekday),
         "month": cat(month),

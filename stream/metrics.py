@@ -71,6 +71,9 @@ ACTIVE_SESSIONS = Gauge(
 SESSION_STATE_BYTES = Gauge(
     "clickscore_session_state_bytes", "bytes of session state held by this worker",
     registry=REGISTRY)
+STATE_MIGRATIONS = Counter(
+    "clickscore_state_migrations", "session states stored by an older state layout and converted "
+    "on read (stream/session_state.py), by the version they had", ["from_version"], registry=REGISTRY)
 TRIGGERS_FIRED = Counter(
     "clickscore_triggers_fired", "marketing triggers fired, by rule", ["rule"], registry=REGISTRY)
 BUY_PROBABILITY = Histogram(

@@ -39,7 +39,8 @@ import orjson
 from stream import metrics
 from stream.events import ClickEvent, InvalidEvent, decode
 from stream.features import FeatureArtefacts
-from stream.session_state import SessionState, StateError, advance, is_idle, replay_view
+from stream.session_state import (Committed, SessionState, StateError, advance, is_idle, keep_nothing_extra,
+                                  migrated_from, replay_view)
 
 log = logging.getLogger("clickscore.worker")
 
@@ -172,16 +173,19 @@ def internal_error(exc: BaseException, where: str) -> str:
 
 def prepare(records: Sequence[Record], read_state: Callable[[bytes], bytes | None],
             artefacts: FeatureArtefacts, timeout_ms: int, max_message_bytes: int,
-            on_unreadable_state: Callable[[bytes, Exception], None] | None = None) -> Batch:
+            on_unreadable_state: Callable[[bytes, Exception], None] | None = None,
+            committed: Committed = keep_nothing_extra) -> Batch:
     """Records -> accepted events with their windows, rejected records with reasons, and
     the table writes that advance each session. `read_state(key)` returns the stored
-    value or None."""
+    value or None. `committed(partition)` is the partition's committed input offset: rows
+    at or past it are kept for re-deliveries (session_state's replay margin); the default
+    keeps none."""
     batch = Batch(records)
     pending: dict[bytes, SessionState] = {}
     for index, record in enumerate(records):
         try:
             accepted = _accept(index, record, pending, read_state, artefacts, timeout_ms,
-                               max_message_bytes, on_unreadable_state, batch)
+                               max_message_bytes, on_unreadable_state, batch, committed)
         except InvalidEvent as exc:
             batch.rejected.append(Rejected(index, exc.reason, _clip(exc.detail)))
             continue
@@ -195,7 +199,8 @@ def prepare(records: Sequence[Record], read_state: Callable[[bytes], bytes | Non
 
 def _accept(index: int, record: Record, pending: dict[bytes, SessionState],
             read_state: Callable[[bytes], bytes | None], artefacts: FeatureArtefacts, timeout_ms: int,
-            max_message_bytes: int, on_unreadable_state, batch: Batch) -> Accepted:
+            max_message_bytes: int, on_unreadable_state, batch: Batch,
+            committed: Committed = keep_nothing_extra) -> Accepted:
     event = decode(record.value, max_message_bytes)
     key = event.session_id.encode("utf-8")
     if record.key != key:
@@ -206,7 +211,10 @@ def _accept(index: int, record: Record, pending: dict[bytes, SessionState],
         value = read_state(key)
         if value is not None:
             try:
-                state = SessionState.from_bytes(value)
+                state = SessionState.from_bytes(value, artefacts)
+                old = migrated_from(value)
+                if old is not None:     # an older layout, converted: the next write stores the current one
+                    metrics.STATE_MIGRATIONS.labels(from_version=str(old)).inc()
             except StateError as exc:
                 if on_unreadable_state is not None:
                     on_unreadable_state(key, exc)
@@ -216,15 +224,15 @@ def _accept(index: int, record: Record, pending: dict[bytes, SessionState],
         # sent again as they were, without applying it a second time.
         replay = replay_view(state, record.offset)
         if replay is None:
-            raise InvalidEvent("redelivered_unscorable", "re-delivered event of a session longer "
-                               "than the window: its window is no longer known")
+            raise InvalidEvent("redelivered_unscorable", "re-delivered event whose window is no "
+                               "longer kept (more uncommitted events in its session than the replay margin)")
         return Accepted(index, event, key, replay.window, replay.event_count,
                         emit_buy=not replay.had_bought, has_cart=replay.has_cart, replayed=True)
     if state is not None and state.event_count and is_idle(state.last_event_ms, event.timestamp,
                                                            timeout_ms):
         state = None   # the old session timed out: this event starts a new one
     had_bought = state.has_bought if state is not None else False
-    new_state = advance(state, event, artefacts, record.partition, record.offset, timeout_ms)
+    new_state = advance(state, event, artefacts, record.partition, record.offset, timeout_ms, committed)
     value = new_state.to_bytes()
     # Only now, when nothing can fail any more, does the batch see the new state.
     pending[key] = new_state

@@ -88,7 +88,8 @@ def test_an_unforeseen_exception_dead_letters_only_its_record(scorer):
 
 
 def test_model_faults_fail_only_the_events_that_cause_them(scorer):
-    poisoned = scorer.artefacts.item_index("1")   # a real vocabulary item
+    from stream.features import id_hash
+    poisoned = id_hash("1")   # a real vocabulary item, as window rows hold it
 
     def flaky_score(windows, top_k):
         if any((w["item"] == poisoned).any() for w in windows):

@@ -1,11 +1,21 @@
-"""Session state: the compact table value and its pure updates (no broker)."""
+"""Session state: the compact table value and its pure updates (no broker).
+
+    .venv/bin/python -m pytest tests/test_session_state.py -q
+"""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
 
 from stream.events import ClickEvent
-from stream.features import EVENT_ROW, WINDOW, FeatureArtefacts, append_event, empty_window
-from stream.session_state import (HEADER, SessionState, StateError, advance, idle_keys, read_header,
-                                  replay_view)
+from stream.features import EVENT_ROW, WINDOW, FeatureArtefacts, append_event, empty_window, encode_windows
+from stream.session_state import (HEADER_SIZE, MAX_REPLAY_ROWS, STATE_VERSION, SessionState, StateError, advance,
+                                  idle_keys, kept_rows, migrated_from, read_header, replay_view)
+
+V1_FIXTURE = Path(__file__).parent / "fixtures" / "state_v1" / "sessions.json"
 
 ARTEFACTS = FeatureArtefacts(items=("a", "b", "c"), categories=("x",), dwell_mean=0.0, dwell_std=1.0,
                              price_mean=0.0, price_std=1.0)
@@ -17,16 +27,20 @@ def click(i: int, kind: str = "view", ts: int | None = None, session: str = "s1"
     return ClickEvent(session, kind, "abc"[i % 3], T0 + i * 1000 if ts is None else ts, event_id=f"e{i}")
 
 
-def run(events, timeout_ms=HOUR, state=None, partition=2):
+def run(events, timeout_ms=HOUR, state=None, partition=2, committed=None):
     for offset, event in enumerate(events):
-        state = advance(state, event, ARTEFACTS, partition, offset, timeout_ms)
+        if committed is None:
+            state = advance(state, event, ARTEFACTS, partition, offset, timeout_ms)
+        else:
+            state = advance(state, event, ARTEFACTS, partition, offset, timeout_ms, committed)
     return state
 
 
 def test_round_trip_is_compact_and_exact():
     state = run([click(0), click(1, "addtocart"), click(2, "transaction")])
     data = state.to_bytes()
-    assert len(data) == HEADER.size + 3 * (EVENT_ROW.itemsize + 8)
+    assert len(data) == HEADER_SIZE + 3 * (EVENT_ROW.itemsize + 8) == 26 + 3 * 41
+    assert data[0] == STATE_VERSION == 2
     back = SessionState.from_bytes(data)
     assert back.window.tobytes() == state.window.tobytes()
     assert back.offsets.tolist() == [0, 1, 2]
@@ -77,16 +91,42 @@ def test_replay_view_rebuilds_the_session_as_of_a_redelivered_event():
     assert replay_view(state, 99) is None
 
 
-def test_replay_view_of_a_long_session_knows_only_its_last_event():
+def test_replay_view_of_a_long_session_without_margin_knows_only_its_last_event():
     events = [click(i) for i in range(WINDOW + 5)]
-    state = run(events)
+    state = run(events)              # the default `committed`: everything applied is committed
+    assert len(state.rows) == WINDOW
     assert replay_view(state, WINDOW + 4).window.tobytes() == state.window.tobytes()
     assert replay_view(state, WINDOW + 3) is None
 
 
-def test_unreadable_values_raise_state_error():
-    import pytest
+def test_the_replay_margin_keeps_every_uncommitted_event_of_a_long_session_replayable():
+    kinds = ["view"] * 150
+    kinds[120], kinds[130] = "addtocart", "transaction"
+    events = [click(i, kinds[i]) for i in range(150)]
+    committed = 110                  # offsets 110.. may be re-delivered
+    state = run(events, committed=lambda partition: committed)
+    assert len(state.rows) == (150 - committed) + WINDOW - 1 and state.offsets[0] == committed - WINDOW + 1
+    assert state.window.tobytes() == run(events).window.tobytes()      # scoring sees the last W rows
+    for k in range(committed, 150):
+        view, as_of = replay_view(state, k), run(events[:k + 1])
+        assert view.window.tobytes() == as_of.window.tobytes() and len(view.window) == WINDOW
+        assert (view.event_count, view.has_cart, view.had_bought) == (k + 1, k >= 120, k > 130)
+    assert replay_view(state, committed - 1) is None          # committed: never re-delivered
+    back = SessionState.from_bytes(state.to_bytes())
+    assert back.to_bytes() == state.to_bytes() and back.first_transaction == 131 and back.first_addtocart == 121
 
+
+def test_the_replay_margin_is_capped_and_unknown_commits_keep_up_to_the_cap():
+    events = [click(i) for i in range(WINDOW + MAX_REPLAY_ROWS + 50)]
+    state = run(events, committed=lambda partition: None)      # nothing committed yet
+    assert len(state.rows) == WINDOW + MAX_REPLAY_ROWS
+    assert replay_view(state, len(events) - MAX_REPLAY_ROWS - 1) is not None
+    assert replay_view(state, len(events) - MAX_REPLAY_ROWS - 2) is None
+    assert kept_rows(np.arange(10), 5, 8) == 6 and kept_rows(np.arange(10), 5, 3) == 10   # 2 uncommitted + 4 before
+    assert kept_rows(np.arange(10), 5, 20) == 5 and kept_rows(np.arange(3), 5, -1) == 3
+
+
+def test_unreadable_values_raise_state_error():
     data = run([click(0)]).to_bytes()
     with pytest.raises(StateError):
         SessionState.from_bytes(data[:5])
@@ -94,3 +134,49 @@ def test_unreadable_values_raise_state_error():
         SessionState.from_bytes(data + b"x")
     with pytest.raises(StateError):
         SessionState.from_bytes(b"\x09" + data[1:])
+    with pytest.raises(StateError, match="flags"):
+        SessionState.from_bytes(data[:1] + b"\x02" + data[2:])      # has_cart without an addtocart
+    with pytest.raises(StateError, match="artefacts"):
+        SessionState.from_bytes(b"\x01" + data[1:16])                # v1 needs the model to migrate
+
+
+# -- v1 -> v2 migration, from bytes written by the v1 code -------------------------------------
+
+def v1_fixture():
+    data = json.loads(V1_FIXTURE.read_text())
+    artefacts = FeatureArtefacts.from_dict(data["features"])
+    sessions = {}
+    for name, session in data["sessions"].items():
+        events = [(ClickEvent(**{k: v for k, v in e.items() if k != "offset"}), e["offset"])
+                  for e in session["events"]]
+        sessions[name] = (bytes.fromhex(session["v1_hex"]), events)
+    return artefacts, data["timeout_ms"], data["partition"], sessions
+
+
+@pytest.mark.parametrize("name", ["short", "long", "bought"])
+def test_a_v1_value_is_migrated_to_the_state_v2_would_have_built(name):
+    artefacts, timeout_ms, partition, sessions = v1_fixture()
+    v1, events = sessions[name]
+    assert v1[0] == 1 and migrated_from(v1) == 1
+    migrated = SessionState.from_bytes(v1, artefacts)
+    direct = None
+    for event, offset in events:
+        direct = advance(direct, event, artefacts, partition, offset, timeout_ms)
+    assert migrated_from(migrated.to_bytes()) is None
+    assert read_header(migrated.to_bytes()) == read_header(direct.to_bytes())   # flags, counts, times
+    assert migrated.offsets.tolist() == direct.offsets.tolist()
+    # the model reads the migrated window exactly as the v2 one (OOV rows stay OOV)
+    for column, value in encode_windows([migrated.window], artefacts).items():
+        np.testing.assert_array_equal(value, encode_windows([direct.window], artefacts)[column], err_msg=column)
+    assert replay_view(migrated, events[-1][1]).window.tobytes() == migrated.window.tobytes()
+    # the session goes on from the migrated state exactly as from the v2 one
+    nxt = ClickEvent(name, "transaction", "i2", events[-1][0].timestamp + 5000, "c2", 3.5)
+    after_m = advance(migrated, nxt, artefacts, partition, events[-1][1] + 1, timeout_ms)
+    after_d = advance(direct, nxt, artefacts, partition, events[-1][1] + 1, timeout_ms)
+    assert (after_m.has_bought, after_m.bought_before_last, after_m.has_cart, after_m.event_count) == (
+        after_d.has_bought, after_d.bought_before_last, after_d.has_cart, after_d.event_count)
+    for column, value in encode_windows([after_m.window], artefacts).items():
+        np.testing.assert_array_equal(value, encode_windows([after_d.window], artefacts)[column], err_msg=column)
+    if name == "short":            # every row survives in v1: every event replays exactly
+        for k, (_, offset) in enumerate(events):
+            assert replay_view(migrated, offset).event_count == k + 1

@@ -11,7 +11,7 @@ stream.scoring.ModelScorer, the runtime the streaming worker uses) or a training
 checkpoint folder (checkpoint.pt, loaded with training.checkpoint.load_checkpoint).
 
 Prefixes: each session's rows are built with stream.features.session_rows (item and
-category indices from the model's own features.json), and the prefix ending at
+category id hashes, mapped to the model's own features.json at encoding), and the prefix ending at
 event t is scored from its window, the last <= W (100) rows ending at t, exactly what
 the worker holds after event t; windows are scored in batches. The model's answer
 for a prefix is read at position length-1.
@@ -67,7 +67,8 @@ import polars as pl
 
 from stream.errors import ClickscoreError
 from stream.events import EVENT_TYPES
-from stream.features import INPUT_NAMES, ITEM_OFFSET, WINDOW, FeatureArtefacts, encode_windows, session_rows
+from stream.features import (INPUT_NAMES, ITEM_OFFSET, WINDOW, FeatureArtefacts, encode_windows, id_hashes,
+                             session_rows)
 from training import metrics
 from training.baselines import (GBM_DEFAULTS, GBM_GRID, AggregateBuyModel, ItemBuyStats, ItemCatalogue,
                                 Popular, SessionKNN, prefix_aggregates, tune_gbm)
@@ -254,14 +255,15 @@ def score_model(model: LoadedModel, events: pl.DataFrame, sessions: Sessions) ->
     """Score every needed prefix through the model, window by window."""
     art = model.artefacts
     type_codes = np.array([EVENT_TYPES[t] for t in sessions.event_types], dtype=np.uint8)
-    items = art.item_indices(sessions.item_ids)
-    categories = art.category_indices(events["category_id"].to_list())
+    items = art.item_indices(sessions.item_ids)           # next-item targets
+    item_hashes = id_hashes(sessions.item_ids)            # rows hold id hashes, as the stream's
+    categories = id_hashes(events["category_id"].to_list())
     prices = events["price"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
     session, position, buy_example, has_next = sessions.prefixes()
     needed = np.flatnonzero(buy_example | has_next)
 
     rows_by_session = [
-        session_rows(type_codes[a:b], items[a:b], categories[a:b], sessions.timestamps[a:b], prices[a:b])
+        session_rows(type_codes[a:b], item_hashes[a:b], categories[a:b], sessions.timestamps[a:b], prices[a:b])
         for a, b in zip(sessions.starts[:-1], sessions.starts[1:])]
 
     buy_parts, rank_parts = [], []

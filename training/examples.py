@@ -30,7 +30,7 @@ import polars as pl
 from stream.errors import ClickscoreError
 from stream.events import EVENT_TYPES
 from stream.features import (EVENT_ROW, INPUT_NAMES, ITEM_OFFSET, FeatureArtefacts,
-                             encode_windows, session_rows)
+                             encode_windows, id_hashes, session_rows)
 
 IGNORE = -1   # next-item target where there is none (last event, OOV item) or no loss
 
@@ -153,8 +153,10 @@ def build_examples(frame: pl.DataFrame, split: str | Sequence[str], artefacts: F
     part = split_frame(frame, split)
     W = artefacts.window
     event_types = part["event_type"].replace_strict(EVENT_TYPES, return_dtype=pl.UInt8).to_numpy()
-    items = artefacts.item_indices(part["item_id"].to_list())
-    categories = artefacts.category_indices(part["category_id"].to_list())
+    item_ids = part["item_id"].to_list()
+    items = artefacts.item_indices(item_ids)                       # next-item targets
+    item_hashes = id_hashes(item_ids)                              # rows hold hashes, as the stream's
+    categories = id_hashes(part["category_id"].to_list())
     timestamps = part["timestamp"].to_numpy()
     prices = part["price"].fill_null(float("nan")).to_numpy()
     boundaries = np.flatnonzero(np.diff(part["session_id"].rle_id().to_numpy())) + 1
@@ -170,7 +172,7 @@ def build_examples(frame: pl.DataFrame, split: str | Sequence[str], artefacts: F
     w_start, w_len, w_from, w_buys = [], [], [], []
     for s, e in zip(starts, ends):
         n = e - s
-        rows[s:e] = session_rows(event_types[s:e], items[s:e], categories[s:e], timestamps[s:e], prices[s:e])
+        rows[s:e] = session_rows(event_types[s:e], item_hashes[s:e], categories[s:e], timestamps[s:e], prices[s:e])
         tx = np.flatnonzero(is_transaction[s:e])
         first_tx = tx[0] if len(tx) else n
         buys = len(tx) > 0
