@@ -159,10 +159,10 @@ def read_accounted(broker: str, t: dict[str, str], log: list[dict], timeout: flo
     """(next-items records, {event_id: dead-letter reason}) read until every event of `log`
     has a next-items record or a dead letter.
 
-    After a crash the events of a session longer than the window that were applied to the
-    state but not committed cannot be scored again exactly (their window is gone):
-    `redelivered_unscorable` dead letters (stream/session_state.py replay_view). The tests
-    accept exactly those, and only for sessions longer than the window."""
+    After a crash the events applied to the state but not committed are re-delivered; the
+    state keeps their rows (stream/session_state.py, the replay margin), so they are scored
+    again as the first time: the fault tests require no dead letter for a valid event
+    (assert_every_event_scored)."""
     want = {e["event_id"] for e in log}
     deadline = time.monotonic() + timeout
     while True:
@@ -175,12 +175,15 @@ def read_accounted(broker: str, t: dict[str, str], log: list[dict], timeout: flo
             return items, dead
 
 
-def assert_only_long_sessions_unscorable(dead: dict[str, str], log: list[dict], window: int = 100) -> None:
+def assert_every_event_scored(dead: dict[str, str], log: list[dict], window: int = 100) -> None:
+    """No valid event of `log` was dead-lettered: a re-delivered one included (even of a
+    session longer than the window). The message gives the reasons and session lengths."""
     lengths = Counter(e["session_id"] for e in log)
     session_of = {e["event_id"]: e["session_id"] for e in log}
-    for event_id, reason in dead.items():
-        assert reason == "redelivered_unscorable", (event_id, reason)
-        assert lengths[session_of[event_id]] > window, (event_id, lengths[session_of[event_id]])
+    ours = {event_id: reason for event_id, reason in dead.items() if event_id in session_of}
+    long_ones = sum(lengths[session_of[event_id]] > window for event_id in ours)
+    assert not ours, (f"{len(ours)} valid events dead-lettered ({long_ones} of sessions longer than the window), "
+                      f"by reason {dict(Counter(ours.values()))}")
 
 
 def test_worker_scores_every_event_like_offline_and_dead_letters_bad_input(
@@ -270,11 +273,11 @@ def test_killed_worker_resumes_from_offsets_and_restored_state(broker, model_dir
         assert second.proc.poll() is None, second.log()[-3000:]
 
     item_values, score_values = values(items), values(scores)
-    # Every event scored or (re-delivered events of sessions longer than the window)
-    # dead-lettered with its reason; duplicates (re-delivery of what was not committed)
-    # are allowed, and every copy carries the same numbers: dedupe by event id.
-    assert_only_long_sessions_unscorable(dead, log)
-    assert {v["event_id"] for v in item_values} | set(dead) == {e["event_id"] for e in log}
+    # Every event scored, re-delivered ones of sessions longer than the window included;
+    # duplicates (re-delivery of what was not committed) are allowed, and every copy
+    # carries the same numbers: dedupe by event id.
+    assert_every_event_scored(dead, log)
+    assert {v["event_id"] for v in item_values} == {e["event_id"] for e in log}
     assert (want_scored | want_outcomes) - set(dead) <= {v["event_id"] for v in score_values} <= want_scored | want_outcomes
     duplicates = len(item_values) - len(log)
     # ...and equal an uninterrupted run (= offline, shown by the test above): state
