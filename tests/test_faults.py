@@ -143,7 +143,8 @@ def test_sigkill_mid_stream_rescored_from_offsets_and_changelog(broker, model_di
     assert resumed
     first_new_s = (min(resumed) - killed_ms) / 1000
     unscorable = sum(reason == "redelivered_unscorable" for reason in dead.values())
-    print(f"\nSIGKILL after {len(before)} of {len(log)} events: {unscorable} redelivered_unscorable; {duplicates} duplicates "
+    print(f"\nSIGKILL after {len(before)} of {len(log)} events: {unscorable} redelivered_unscorable; "
+          f"{duplicates} duplicates "
           f"({10_000 * duplicates / len(log):.1f} per 10,000 events); first new output {first_new_s:.1f} s "
           f"after the kill (restart included), all caught up {caught_up_s:.1f} s after the restart")
 

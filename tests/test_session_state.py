@@ -180,3 +180,53 @@ def test_a_v1_value_is_migrated_to_the_state_v2_would_have_built(name):
     if name == "short":            # every row survives in v1: every event replays exactly
         for k, (_, offset) in enumerate(events):
             assert replay_view(migrated, offset).event_count == k + 1
+
+
+# -- through the worker's batch logic (stream/pipeline.py, no broker) ---------------------------
+
+def test_prepare_replays_old_uncommitted_events_of_a_long_session_and_counts_a_migration():
+    from stream import metrics, pipeline
+    from stream.scoring import ModelScorer
+
+    scorer = ModelScorer(Path(__file__).resolve().parents[1] / "onnx_models" / "default", provider="cpu", threads=1)
+    art = scorer.artefacts
+    items = art.items
+
+    def record(i: int) -> pipeline.Record:
+        body = {"session_id": "r", "event_type": "transaction" if i == 60 else "view", "item_id": items[i % 9],
+                "timestamp": T0 + 1000 * i, "event_id": f"r-{i}"}
+        return pipeline.Record("clicks", 0, i, b"r", json.dumps(body).encode(), 1.0)
+
+    recs = [record(i) for i in range(180)]
+    store: dict[bytes, bytes] = {}
+    committed = 120                    # the crash comes before offsets 120.. were committed
+    windows = {}
+    for start in range(0, 180, 30):    # batches of 30, each writing the state
+        batch = pipeline.prepare(recs[start:start + 30], store.get, art, HOUR, 16384,
+                                 committed=lambda partition: committed)
+        for key, (value, _) in batch.state_writes.items():
+            store[key] = value
+        windows.update({a.event.event_id: (a.window.tobytes(), a.event_count, a.emit_buy) for a in batch.accepted})
+    again = pipeline.prepare(recs[committed:], store.get, art, HOUR, 16384, committed=lambda partition: committed)
+    assert not again.rejected and not again.state_writes and all(a.replayed for a in again.accepted)
+    for a in again.accepted:           # re-delivered: the very window, count and flags of the first time
+        assert (a.window.tobytes(), a.event_count, a.emit_buy) == windows[a.event.event_id]
+    # without the margin (everything counted as committed) the same re-delivery is unscorable
+    bare: dict[bytes, bytes] = {}
+    for start in range(0, 180, 30):
+        batch = pipeline.prepare(recs[start:start + 30], bare.get, art, HOUR, 16384)
+        bare.update({key: value for key, (value, _) in batch.state_writes.items()})
+    lost = pipeline.prepare(recs[committed:], bare.get, art, HOUR, 16384)
+    assert {r.reason for r in lost.rejected} == {"redelivered_unscorable"} and len(lost.accepted) == 1
+
+    # a v1 value is migrated on read and counted; the next write stores v2
+    data = json.loads(V1_FIXTURE.read_text())
+    v1 = bytes.fromhex(data["sessions"]["short"]["v1_hex"])
+    counter = metrics.STATE_MIGRATIONS.labels(from_version="1")
+    before = counter._value.get()
+    fixture_art = FeatureArtefacts.from_dict(data["features"])
+    body = {"session_id": "short", "event_type": "view", "item_id": "i1", "timestamp": 1396860669277 + 60_000}
+    batch = pipeline.prepare([pipeline.Record("clicks", 1, 5000, b"short", json.dumps(body).encode(), 1.0)],
+                             {b"short": v1}.get, fixture_art, HOUR, 16384)
+    assert not batch.rejected and batch.accepted[0].event_count == 8
+    assert batch.state_writes[b"short"][0][0] == STATE_VERSION and counter._value.get() == before + 1
