@@ -304,6 +304,16 @@ def test_session_state_invariants_small_window(steps, lag):
     check_inputs([s.window for s in states.values()], artefacts)
 
 
+@examples(60)
+@given(st.lists(long_step, min_size=10, max_size=60), st.sampled_from([-1, 0, 3, 9, 10 ** 6]))
+def test_session_state_invariants_small_window_long_sessions(steps, lag):
+    # Sessions many times the window of 5, commits lagging by up to twice the window:
+    # replay margins and their W - 1 leading rows are exercised on every example.
+    artefacts, states, model, snapshots, committed_at = replay_sequence(steps, window=5, commit_lag=lag)
+    check_replay_views(states, model, snapshots, committed_at, window=5)
+    check_inputs([s.window for s in states.values()], artefacts)
+
+
 @examples(15)
 @given(st.lists(long_step, min_size=150, max_size=300), st.sampled_from([-1, 0, 40, 150, 10 ** 6]))
 def test_session_state_invariants_full_window(steps, lag):
