@@ -15,7 +15,7 @@ all its prefixes in one pass. Loss masks (docs/CONTRACTS.md, Labels):
 A session longer than W adds one window per later position t (rows t-W+1..t) with
 losses only at its last position, which is exactly what serving scores after event t.
 Windows are stored as (start, length, first loss position) into one array of event
-rows (25 bytes per event) and encoded batch by batch, so memory stays linear in the
+rows (33 bytes per event) and encoded batch by batch, so memory stays linear in the
 number of events, not in events x W.
 """
 from __future__ import annotations
