@@ -8,7 +8,8 @@ the batch logic is plain code in stream/pipeline.py, this module only wires it t
 
     raw bytes --(pipeline.prepare: events.decode, key check)--> ClickEvent | dead letter
     ClickEvent --(session_state.advance)--> session window (table `sessions`, changelog-backed)
-    windows --(pipeline.score_isolated: ModelScorer.score, executor thread)--> buy probability, top-k
+    windows --(model_cache.score_cached: step graph from cached per-session state, window graph on a
+    miss; pipeline.score_isolated without a step graph; inference thread)--> buy probability, top-k
     --(pipeline.finish)--> buyer-scores (until the session's first transaction), next-items
     (every valid event), triggers (with --rules, table `trigger-state`), dead letters
     outputs --(deliver: every delivery report checked, failures re-sent)--> ack -> commit
@@ -17,6 +18,9 @@ Batches are pipelined (`begin` -> inference thread -> `complete`): batch N+1 is 
 and its state advanced while batch N is scored and batch N-1's outputs are delivered;
 one inference thread scores batches in the order begun and one task delivers and acks
 them in that order, so a session's events keep their order end to end.
+The inference thread owns the model-state cache (stream/model_cache.py) and takes the
+model for each batch from a ModelSource (stream/registry.py): a registry's new version
+takes over between two batches, and each batch's outputs name the model that scored it.
 
 Decisions a reader needs:
 - Input is consumed as raw bytes so this worker, not Faust's codec, decides what is

@@ -203,3 +203,22 @@ def test_model_fault_falls_back_to_isolating_the_culprit(trained):
     ok = np.arange(len(batch.accepted)) != 5
     np.testing.assert_allclose(got.buy_probability[ok], want.buy_probability[ok], rtol=0, atol=TOLERANCE)
     assert len(cache) == 0
+
+
+def test_io_binding_path_gives_the_same_scores_on_the_cpu(trained):
+    """The IOBinding path (on by default with the CUDA provider only) run on the CPU
+    provider: same numbers as session.run, window and step graphs."""
+    scorer, log = trained
+    records = records_of(log, 300)
+    batch = pipeline.prepare(records, {}.get, scorer.artefacts, TIMEOUT_MS, 1 << 16)
+    assert not scorer.use_io_binding        # the CPU provider: plain session.run
+    plain = score_cached(scorer, ModelStateCache(64 << 20), batch.accepted, TOP_K)
+    scorer.use_io_binding = True
+    try:
+        bound = score_cached(scorer, ModelStateCache(64 << 20), batch.accepted, TOP_K)
+        window = scorer.score(batch.windows, top_k=TOP_K)
+    finally:
+        scorer.use_io_binding = None
+    np.testing.assert_array_equal(bound.buy_probability, plain.buy_probability)
+    np.testing.assert_array_equal(bound.top_items, plain.top_items)
+    np.testing.assert_allclose(window.buy_probability, plain.buy_probability, rtol=0, atol=TOLERANCE)
