@@ -25,6 +25,9 @@ test_model_cache.py, tests/test_worker.py). Why each rule:
   (`step_exact`), counted in clickscore_model_cache_too_long_total.
 - Several events of one session in one batch are stepped in rounds: round r steps every
   session's r-th chained event, so each step starts from the state of the one before.
+  At most MAX_ROUNDS rounds a batch: a session's further events in the batch go to the
+  batched window call (clickscore_model_cache_deep_total), and the next ones step from
+  the state that call returns.
 - Bounded by bytes (state + key + fingerprint + an estimate of Python's per-entry
   overhead), least recently used out.
 - Bound to one model: a different scorer (hot swap) empties it (`bind`).
@@ -53,6 +56,13 @@ log = logging.getLogger("clickscore.worker")
 # the entry object, the numpy array header and two bytes objects' headers (measured with
 # sys.getsizeof on CPython 3.11: about 290 bytes). An estimate: the bound is approximate.
 ENTRY_OVERHEAD_BYTES = 300
+# Step calls per batch at most: each round is one onnxruntime call plus Python that holds
+# the GIL the event loop needs. A saturated worker fed a pre-produced log saw ~60 events of
+# one session in a batch of 256, i.e. ~60 rounds; past MAX_ROUNDS the window graph (one
+# batched call, GIL released) is cheaper for the whole worker. Offline on that log (batch
+# 256, one thread, loaded machine): 2 rounds 201, 4: 143, 8: 111, 16: 117, 64: 140 us/event
+# (window graph alone: 516).
+MAX_ROUNDS = 8
 FINGERPRINT_BYTES = 16
 
 CACHE_HITS = Counter(
@@ -68,6 +78,9 @@ CACHE_EVICTIONS = Counter(
 CACHE_TOO_LONG = Counter(
     "clickscore_model_cache_too_long", "events scored by the window graph because their session is "
     "longer than the window (a carried state would remember what the window forgot)", registry=REGISTRY)
+CACHE_DEEP = Counter(
+    "clickscore_model_cache_deep", "events scored by the window graph because their session already had "
+    "MAX_ROUNDS events stepped in the same batch (bounds the step calls per batch)", registry=REGISTRY)
 CACHE_BYTES = Gauge(
     "clickscore_model_cache_bytes", "bytes held by the model-state cache (estimate, entries' overhead "
     "included)", registry=REGISTRY)
@@ -100,7 +113,7 @@ class ModelStateCache:
         self._entries: OrderedDict[bytes, CachedState] = OrderedDict()
         self.nbytes = 0
         self.model = None          # the scorer whose states these are (see bind)
-        self.hits = self.misses = self.evictions = self.too_long = 0
+        self.hits = self.misses = self.evictions = self.too_long = self.deep = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -206,7 +219,7 @@ def score_cached(scorer, cache: ModelStateCache, accepted: Sequence[pipeline.Acc
     for key, position in last.items():
         item = accepted[position]
         state = states[position]
-        if (key in bad_keys or item.replayed or state is None or not np.isfinite(state).all()
+        if (key in bad_keys or item.replayed or not np.isfinite(state).all()
                 or plan[position].how == WINDOW and not step_exact([item.window], scorer.artefacts.window)[0]):
             cache.drop(key)
             continue
@@ -216,11 +229,12 @@ def score_cached(scorer, cache: ModelStateCache, accepted: Sequence[pipeline.Acc
 
 
 def _score(scorer, cache: ModelStateCache, accepted: Sequence[pipeline.Accepted], windows: list,
-           top_k: int) -> tuple[pipeline.Scores, list, list[_Plan]]:
+           top_k: int) -> tuple[pipeline.Scores, np.ndarray, list[_Plan]]:
     n = len(accepted)
     exact = step_exact(windows, scorer.artefacts.window)
     plan: list[_Plan] = []
     newest: dict[bytes, int] = {}            # key -> latest position of it planned so far
+    deep = 0
     for position, item in enumerate(accepted):
         window = windows[position]
         previous = newest.get(item.key)
@@ -231,48 +245,57 @@ def _score(scorer, cache: ModelStateCache, accepted: Sequence[pipeline.Accepted]
         if not exact[position]:
             plan.append(_Plan(WINDOW))
             cache.too_long += 1
-            CACHE_TOO_LONG.inc()
             continue
         if item.event_count == 1:            # a new session: the initial state
             plan.append(_Plan(STEP, None, 1))
             cache.hits += 1
-            CACHE_HITS.inc()
             continue
-        prefix = fingerprint(window[:-1])
         source: object = None
         if previous is not None:
-            # Chained to the same session's previous event in this batch, if that one
-            # ends exactly where this window's prefix ends.
+            # The same session's previous event in this batch: pipeline.prepare built this
+            # window as that one plus one row, so the counts and lengths say it all.
             before = accepted[previous]
             if (before.event_count == item.event_count - 1 and exact[previous]
-                    and fingerprint(before.window) == prefix):
+                    and len(before.window) == len(window) - 1):
                 source = previous
         else:
-            source = cache.get(item.key, item.event_count - 1, prefix)
+            source = cache.get(item.key, item.event_count - 1, fingerprint(window[:-1]))
         if source is None:
             plan.append(_Plan(WINDOW))
             cache.misses += 1
             CACHE_MISSES.inc()
             continue
         depth = plan[source].depth + 1 if isinstance(source, int) else 1
+        if depth > MAX_ROUNDS:
+            # Bounds the step calls per batch: a session with many events in one batch has
+            # every (MAX_ROUNDS + 1)-th scored in the batched window call, whose state the
+            # next ones step from.
+            plan.append(_Plan(WINDOW))
+            deep += 1
+            continue
         plan.append(_Plan(STEP, source, depth))
         cache.hits += 1
-        CACHE_HITS.inc()
+    stepped = sum(p.how == STEP for p in plan)
+    CACHE_HITS.inc(stepped)
+    CACHE_TOO_LONG.inc(sum(1 for p, e, a in zip(plan, exact, accepted) if p.how == WINDOW and not e
+                           and not a.replayed))
+    CACHE_DEEP.inc(deep)
+    cache.deep += deep
 
     buy = np.full(n, np.nan, dtype=np.float64)
     items = np.zeros((n, top_k), dtype=np.int64)
     top_scores = np.zeros((n, top_k), dtype=np.float32)
-    states: list[np.ndarray | None] = [None] * n
+    states = np.zeros((n, scorer.state_size), dtype=np.float32)   # (n, state_size), row per position
 
     def store(positions: list[int], batch, new_states: np.ndarray) -> None:
+        rows = np.asarray(positions)
         k = batch.top_items.shape[1]
-        for j, p in enumerate(positions):
-            buy[p] = batch.buy_probability[j]
-            items[p, :k] = batch.top_items[j]
-            top_scores[p, :k] = batch.top_scores[j]
-            states[p] = new_states[j]
+        buy[rows] = batch.buy_probability
+        items[rows, :k] = batch.top_items
+        top_scores[rows, :k] = batch.top_scores
+        states[rows] = new_states
 
-    # One batched window call for every miss, long session and re-delivered event.
+    # One batched window call for every miss, long session, deep chain and re-delivered event.
     rebuild = [p for p in range(n) if plan[p].how == WINDOW]
     if rebuild:
         batch, new_states = scorer.score_windows_with_state([windows[p] for p in rebuild], top_k)
@@ -284,14 +307,12 @@ def _score(scorer, cache: ModelStateCache, accepted: Sequence[pipeline.Accepted]
             rounds.setdefault(plan[p].depth, []).append(p)
     for depth in sorted(rounds):
         positions = rounds[depth]
-        before = np.empty((len(positions), scorer.state_size), dtype=np.float32)   # (B, state_size)
+        before = np.zeros((len(positions), scorer.state_size), dtype=np.float32)   # (B, state_size)
         for j, p in enumerate(positions):
             source = plan[p].source
-            if source is None:
-                before[j] = 0.0
-            elif isinstance(source, int):
+            if isinstance(source, int):
                 before[j] = states[source]
-            else:
+            elif source is not None:
                 before[j] = source
         batch, new_states = scorer.score_step([windows[p] for p in positions], before, top_k)
         store(positions, batch, new_states)

@@ -81,13 +81,13 @@ def test_cache_scores_equal_the_window_graph_and_mostly_step(trained):
     scorer, log = trained
     records = records_of(log, 3000)
     cache = ModelStateCache(64 << 20)
-    hits0, misses0, long0 = cache.hits, cache.misses, cache.too_long
+    hits0, misses0, long0, deep0 = cache.hits, cache.misses, cache.too_long, cache.deep
     run_batches(scorer, records, 64, cache)
     # Every event of a short session is a step (first events from the initial state,
     # later ones from the previous event, in this batch or the cache): no misses at all.
     assert cache.misses - misses0 == 0
     assert cache.too_long - long0 > 0                  # the long sessions past event 100
-    assert cache.hits - hits0 + cache.too_long - long0 == len(records)
+    assert cache.hits - hits0 + cache.too_long - long0 + cache.deep - deep0 == len(records)
     assert len(cache) > 0 and cache.nbytes == sum(e.nbytes + len(k) for k, e in cache._entries.items())
 
 
@@ -95,8 +95,21 @@ def test_many_events_of_one_session_in_one_batch_are_stepped_in_order(trained):
     scorer, log = trained
     records = records_of(log, 3000)
     cache = ModelStateCache(64 << 20)
-    run_batches(scorer, records, 512, cache)     # big batches: sessions recur within a batch
+    calls = []
+    step = scorer.score_step
+
+    def counted(windows, states, top_k):
+        calls.append(len(windows))
+        return step(windows, states, top_k)
+    scorer.score_step = counted
+    try:
+        run_batches(scorer, records, 512, cache)     # big batches: sessions recur within a batch
+    finally:
+        del scorer.score_step
     assert cache.misses == 0
+    # At most MAX_ROUNDS step calls a batch; the deeper events of a session went to the window call.
+    n_batches = -(-len(records) // 512)
+    assert len(calls) <= model_cache.MAX_ROUNDS * n_batches and cache.deep > 0
 
 
 def test_restart_rebalance_and_redelivery_rebuild_from_windows(trained):
