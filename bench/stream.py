@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-cache-bytes", type=int, default=256 << 20, help="worker --model-cache-bytes")
     parser.add_argument("--fetch-max-wait-ms", type=int, default=0,
                         help="worker --fetch-max-wait-ms (0: the worker's default)")
+    parser.add_argument("--inference-threads", type=int, default=0, help="worker --inference-threads")
     parser.add_argument("--no-baselines", action="store_true", help="skip the Faust consume-only/pass-through runs")
     parser.add_argument("--step-repeats", type=int, default=20, help="timed runs per window/step figure")
     parser.add_argument("--profile", type=float, default=0.0, help="py-spy the worker for S s of the paced phase")
@@ -295,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                                ["--metrics-port", str(metrics_port), "--partitions", str(args.partitions),
                                 "--batch-size", str(args.batch_size), "--batch-wait-s", str(args.batch_wait_s),
                                 "--model-cache-bytes", str(args.model_cache_bytes), "--log-level", "info",
+                                "--inference-threads", str(args.inference_threads),
                                 *(["--fetch-max-wait-ms", str(args.fetch_max_wait_ms)] if args.fetch_max_wait_ms else [])])
         with worker:
             time.sleep(1.0)
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "event_loop_lag_saturated": histogram_summary(lag_before, lag_after),
         "event_loop_lag_paced": histogram_summary(lag_after, lag_paced),
         "batch_size": args.batch_size, "batch_wait_s": args.batch_wait_s, "partitions": args.partitions,
-        "fetch_max_wait_ms": args.fetch_max_wait_ms or None,
+        "fetch_max_wait_ms": args.fetch_max_wait_ms or None, "inference_threads": args.inference_threads,
         "model": model_note, "model_cache_bytes": args.model_cache_bytes, "provider": provider,
         "machine": machine(),
     }

@@ -569,7 +569,8 @@ def _run_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # A plain export folder, or a registry (onnx_models/NAME): its newest valid version.
-    source = ModelSource.open(settings.model, settings.execution_provider, settings.model_poll_s)
+    source = ModelSource.open(settings.model, settings.execution_provider, settings.model_poll_s,
+                              settings.inference_threads)
     scorer = source.current.scorer
     log.info("model %s v%s (%s) from %s, execution provider %s", source.current.name, source.current.version,
              scorer.info.kind, scorer.info.path, scorer.info.provider)
