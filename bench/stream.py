@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-cache-bytes", type=int, default=256 << 20, help="worker --model-cache-bytes")
     parser.add_argument("--fetch-max-wait-ms", type=int, default=0,
                         help="worker --fetch-max-wait-ms (0: the worker's default)")
-    parser.add_argument("--inference-threads", type=int, default=0, help="worker --inference-threads")
+    parser.add_argument("--inference-threads", type=int, default=1, help="worker --inference-threads")
     parser.add_argument("--no-baselines", action="store_true", help="skip the Faust consume-only/pass-through runs")
     parser.add_argument("--step-repeats", type=int, default=20, help="timed runs per window/step figure")
     parser.add_argument("--profile", type=float, default=0.0, help="py-spy the worker for S s of the paced phase")
