@@ -37,7 +37,8 @@ demo: venv
 bench: bench-stream bench-replay
 
 bench-stream: venv
-	$(BIN)/python -m bench.stream --events 20000
+	$(BIN)/python -m bench.stream --events 20000 --profile 10
+	$(BIN)/python -m bench.stream --events 20000 --n-items 50000 --no-baselines
 
 .PHONY: bench-step
 bench-step: venv

@@ -1,7 +1,8 @@
 """Benchmark: the streaming scorer on the embedded broker, against a Faust pass-through.
 
     .venv/bin/python -m bench.stream --events 20000
-    .venv/bin/python -m bench.stream --events 5000 --model onnx_models/default --batch-size 128
+    .venv/bin/python -m bench.stream --events 20000 --n-items 50000 --no-baselines
+    .venv/bin/python -m bench.stream --events 5000 --model onnx_models/default --batch-size 128 --profile 10
 
 Starts one embedded broker, then on it:
 1. a real `clickscore worker` (subprocess). `--events` simulated events are produced
@@ -12,7 +13,24 @@ Starts one embedded broker, then on it:
    `--latency-rate` events/s; p50_ms/p99_ms = next-items append time - input append
    time, both Kafka (CreateTime) timestamps, matched by event id.
 3. a Faust agent that only forwards each event (`await topic.send`) on the same
-   pre-produced events: passthrough_events_per_s, the ceiling Faust itself sets.
+   pre-produced events: passthrough_events_per_s, the ceiling Faust itself sets;
+   and a Faust agent that only consumes them: consume_only_events_per_s (first to
+   last event seen by the agent, its own clock). --no-baselines skips both.
+
+Also recorded: the model-state cache's counters after the saturated run (hits,
+misses, too_long, bytes per session: clickscore_model_cache_*), and the model's cost
+per event, window graph vs step graph, at batch 1/16/256 (bench/step.py measure on
+the served folder, one thread). --latency-rate 0 (the default) paces at half the
+measured saturated rate. --profile S samples the worker with py-spy for S seconds of
+the paced phase and records the functions that hold the most samples (own time).
+
+The model: --model, else onnx_models/default when it has a step graph, else an
+untrained GRU of the default model's shapes (GRUConfig: embedding 64, hidden 96) and
+--n-items item indices (default 1,988, the default model's catalogue), exported with
+both graphs by bench/step.py build_folder: cost depends on shapes, not weights (every
+simulated item is then out of vocabulary, which costs the same). The machine is
+usually shared: load_avg_1m is recorded with every figure, and figures taken at a
+load above the core count say little.
 
 Prints one JSON line and appends it to bench/results/stream-<date>.json with the
 machine (CPU model, cores) and the execution provider. Without --model it uses
@@ -135,12 +153,108 @@ def passthrough_main(broker: str, source: str, sink: str, web_port: int) -> None
     faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False).execute_from_commandline()
 
 
+def consume_main(broker: str, source: str, n: int, out_path: str, web_port: int) -> None:
+    """A Faust agent that only consumes: the most Faust reads on this machine. Writes
+    {"events", "seconds"} (first to n-th event, the agent's clock) to out_path."""
+    import faust
+
+    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    app = faust.App(f"consume-{uuid.uuid4().hex[:8]}", broker=f"kafka://{broker}", autodiscover=False,
+                    web_port=web_port, broker_session_timeout=6.0, broker_heartbeat_interval=1.0,
+                    broker_rebalance_timeout=6.0, consumer_auto_offset_reset="earliest",
+                    worker_redirect_stdouts=False)
+    source_topic = app.topic(source, **raw)
+    seen = {"count": 0, "first": 0.0}
+
+    @app.agent(source_topic)
+    async def consume(stream):
+        async for _ in stream.events():
+            seen["count"] += 1
+            if seen["count"] == 1:
+                seen["first"] = time.perf_counter()
+            if seen["count"] == n:
+                Path(out_path).write_text(json.dumps({"events": n, "seconds": time.perf_counter() - seen["first"]}))
+
+    faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False).execute_from_commandline()
+
+
+def consume_only(broker: str, topic: str, n: int, work: Path) -> float:
+    out = work / f"consume-{uuid.uuid4().hex[:6]}.json"
+    proc = lifecycle.spawn([sys.executable, "-m", "bench.stream", "--consume-worker", broker, topic, str(n),
+                            str(out), str(free_port())], cwd=REPO,
+                           stdout=open(work / "consume.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 900
+        while not out.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(0.2)
+        figures = json.loads(out.read_text()) if out.exists() else None
+    finally:
+        lifecycle.stop_child(proc, grace_s=lifecycle.STOP_DEADLINE_S)
+    if figures is None:
+        raise RuntimeError(f"the consume-only agent did not read {n} events:\n"
+                           + (work / "consume.log").read_text()[-3000:])
+    return (figures["events"] - 1) / figures["seconds"]
+
+
+def scrape_cache(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("clickscore_model_cache_") and "_created" not in line:
+            name, value = line.split()[:2]
+            out[name.removeprefix("clickscore_model_cache_").removesuffix("_total")] = float(value)
+    if out.get("sessions"):
+        out["bytes_per_session"] = round(out["bytes"] / out["sessions"], 1)
+    return out
+
+
+def profile_worker(pid: int, seconds: float, work: Path) -> dict:
+    """py-spy samples of the worker (all threads); the functions with the most own-time samples."""
+    spy = next((p for p in (Path(sys.executable).parent / "py-spy", REPO.parent / "main" / ".venv" / "bin" / "py-spy")
+                if p.exists()), None)
+    if spy is None:
+        return {"error": "py-spy not found (pip install py-spy)"}
+    raw = work / "profile.txt"
+    done = subprocess.run([str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--format",
+                           "raw", "--output", str(raw), "--threads", "--nonblocking"], capture_output=True, text=True)
+    if done.returncode != 0 or not raw.exists():
+        return {"error": (done.stderr or done.stdout)[-500:]}
+    own: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        total += int(count)
+        own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+        threads[frames[0]] = threads.get(frames[0], 0) + int(count)
+    top = sorted(own.items(), key=lambda kv: -kv[1])[:15]
+    return {"samples": total, "file": str(raw),
+            "threads": {k: round(v / total, 3) for k, v in sorted(threads.items(), key=lambda kv: -kv[1])[:6]},
+            "top_own": [[name, round(count / total, 3)] for name, count in top]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.stream", description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=20000, help="events for the saturated runs")
     parser.add_argument("--latency-events", type=int, default=3000, help="paced events for latency")
-    parser.add_argument("--latency-rate", type=float, default=500.0, help="paced events per second")
+    parser.add_argument("--latency-rate", type=float, default=0.0,
+                        help="paced events per second (0: half the measured saturated rate)")
     parser.add_argument("--model", default="", help="model folder (default: onnx_models/default or a fresh one)")
+    parser.add_argument("--n-items", type=int, default=0,
+                        help="serve an untrained GRU of the default shapes with this many item indices")
+    parser.add_argument("--model-cache-bytes", type=int, default=256 << 20, help="worker --model-cache-bytes")
+    parser.add_argument("--fetch-max-wait-ms", type=int, default=0,
+                        help="worker --fetch-max-wait-ms (0: the worker's default)")
+    parser.add_argument("--inference-threads", type=int, default=1, help="worker --inference-threads")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the Faust consume-only/pass-through runs")
+    parser.add_argument("--step-repeats", type=int, default=20, help="timed runs per window/step figure")
+    parser.add_argument("--profile", type=float, default=0.0, help="py-spy the worker for S s of the paced phase")
+    parser.add_argument("--consume-worker", nargs=5, metavar=("BROKER", "SOURCE", "N", "OUT", "PORT"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batch-wait-s", type=float, default=0.01)
     parser.add_argument("--partitions", type=int, default=4)
@@ -151,12 +265,25 @@ def main(argv: list[str] | None = None) -> int:
         broker, source, sink, port = args.passthrough_worker
         passthrough_main(broker, source, sink, int(port))
         return 0
+    if args.consume_worker:
+        broker, source, n, out, port = args.consume_worker
+        consume_main(broker, source, int(n), out, int(port))
+        return 0
 
     work = Path(tempfile.mkdtemp(prefix="clickscore-bench-"))
     model = Path(args.model) if args.model else REPO / "onnx_models" / "default"
-    if not (model / "model.onnx").is_file():
+    model_note = str(model)
+    if args.n_items or (not args.model and not (model / "model_step.onnx").is_file()):
+        # Shapes of the default model, with both graphs (onnx_models/default predates the step graph).
+        from bench.step import build_folder
+        n_items = args.n_items or 1988
+        model = work / f"gru-{n_items}"
+        build_folder("gru", n_items, model)
+        model_note = f"untrained GRU, default shapes, {n_items} item indices (bench/step.py build_folder)"
+    elif not (model / "model.onnx").is_file():
         print(f"no model at {model}: building a small one with clickscore train/export", file=sys.stderr)
         model = build_model(work / "model")
+        model_note = str(model)
     events = simulated_events(args.events + args.latency_events, work)
     saturated, paced = events[:args.events], events[args.events:]
 
@@ -168,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         worker = WorkerProcess(broker, model, topics, f"bench-{run}", work / "worker.log", free_port(),
                                ["--metrics-port", str(metrics_port), "--partitions", str(args.partitions),
                                 "--batch-size", str(args.batch_size), "--batch-wait-s", str(args.batch_wait_s),
-                                "--log-level", "info"])
+                                "--model-cache-bytes", str(args.model_cache_bytes), "--log-level", "info",
+                                "--inference-threads", str(args.inference_threads),
+                                *(["--fetch-max-wait-ms", str(args.fetch_max_wait_ms)] if args.fetch_max_wait_ms else [])])
         with worker:
             time.sleep(1.0)
             lag_before = {}
@@ -182,14 +311,23 @@ def main(argv: list[str] | None = None) -> int:
             lag_after = scrape_histogram(metrics_port, "clickscore_event_loop_lag_seconds")
             provider = model_provider(metrics_port)
             events_per_s = throughput(scored)
+            cache = scrape_cache(metrics_port)
+            load_saturated = round(__import__("os").getloadavg()[0], 2)
+            latency_rate = args.latency_rate or max(10.0, events_per_s / 2)
 
             # Paced: latency at a rate the worker keeps up with.
             sent = {}
             from kafka import KafkaProducer
             producer = KafkaProducer(bootstrap_servers=broker, linger_ms=0)
+            profile = {}
+            if args.profile:
+                import threading
+                spy = threading.Thread(target=lambda: profile.update(
+                    profile_worker(worker.proc.pid, args.profile, work)))
+                spy.start()
             start = time.perf_counter()
             for i, (key, value, event_id) in enumerate(paced):
-                delay = start + i / args.latency_rate - time.perf_counter()
+                delay = start + i / latency_rate - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
                 sent[event_id] = producer.send(topics["input"], key=key, value=value)
@@ -199,19 +337,28 @@ def main(argv: list[str] | None = None) -> int:
             outputs = read_topic(broker, topics["next_items"],
                                  lambda r: len(r) >= len(saturated) + len(paced), timeout=600, settle=0)
             lag_paced = scrape_histogram(metrics_port, "clickscore_event_loop_lag_seconds")
+            if args.profile:
+                spy.join()
         latencies = np.array([r.timestamp - input_ms[json.loads(r.value)["event_id"]] for r in outputs
                               if json.loads(r.value)["event_id"] in input_ms], dtype=np.float64)
 
-        # Pass-through Faust agent on the same events and broker.
-        sink = f"bench-pass-{run}"
-        pass_proc = lifecycle.spawn([sys.executable, "-m", "bench.stream", "--passthrough-worker", broker,
-                                     topics["input"], sink, str(free_port())], cwd=REPO,
-                                    stdout=open(work / "passthrough.log", "wb"), stderr=subprocess.STDOUT)
-        try:
-            forwarded = read_topic(broker, sink, lambda r: len(r) >= len(events), timeout=1800, settle=0)
-        finally:
-            lifecycle.stop_child(pass_proc, grace_s=lifecycle.STOP_DEADLINE_S)
-        passthrough = throughput(forwarded[:len(saturated)])
+        passthrough = consumed = None
+        if not args.no_baselines:
+            # Pass-through Faust agent on the same events and broker.
+            sink = f"bench-pass-{run}"
+            pass_proc = lifecycle.spawn([sys.executable, "-m", "bench.stream", "--passthrough-worker", broker,
+                                         topics["input"], sink, str(free_port())], cwd=REPO,
+                                        stdout=open(work / "passthrough.log", "wb"), stderr=subprocess.STDOUT)
+            try:
+                forwarded = read_topic(broker, sink, lambda r: len(r) >= len(events), timeout=1800, settle=0)
+            finally:
+                lifecycle.stop_child(pass_proc, grace_s=lifecycle.STOP_DEADLINE_S)
+            passthrough = round(throughput(forwarded[:len(saturated)]), 1)
+            consumed = round(consume_only(broker, topics["input"], len(saturated), work), 1)
+    # Model cost per event, window vs step, on the served folder (one thread, as the worker's
+    # inference thread runs it here).
+    from bench.step import measure
+    step_costs = measure(model, [1, 16, 256], 1, args.step_repeats, 20)
 
     result = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -220,12 +367,21 @@ def main(argv: list[str] | None = None) -> int:
         "p50_ms": round(float(np.percentile(latencies, 50)), 1),
         "p99_ms": round(float(np.percentile(latencies, 99)), 1),
         "latency_events": len(latencies),
-        "latency_rate_per_s": args.latency_rate,
-        "passthrough_events_per_s": round(passthrough, 1),
+        "latency_rate_per_s": round(latency_rate, 1),
+        "passthrough_events_per_s": passthrough,
+        "consume_only_events_per_s": consumed,
+        "worker_vs_passthrough": round(events_per_s / passthrough, 2) if passthrough else None,
+        "worker_vs_consume_only": round(events_per_s / consumed, 2) if consumed else None,
+        "model_cache": cache,
+        "model_cost_per_event": step_costs,
+        "load_avg_1m_saturated": load_saturated,
+        "profile": profile or None,
         "event_loop_lag_saturated": histogram_summary(lag_before, lag_after),
         "event_loop_lag_paced": histogram_summary(lag_after, lag_paced),
         "batch_size": args.batch_size, "batch_wait_s": args.batch_wait_s, "partitions": args.partitions,
-        "model": str(model), "provider": provider, "machine": machine(),
+        "fetch_max_wait_ms": args.fetch_max_wait_ms or None, "inference_threads": args.inference_threads,
+        "model": model_note, "model_cache_bytes": args.model_cache_bytes, "provider": provider,
+        "machine": machine(),
     }
     append_result("stream", result)
     return 0

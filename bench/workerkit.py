@@ -21,18 +21,20 @@ CLICKSCORE = str(BIN / "clickscore")
 NO_TORCH = Path(__file__).resolve().parents[1] / "tests" / "no_torch"   # sitecustomize that blocks torch
 
 
-def build_model(root: Path, sessions: int = 1500, seed: int = 5) -> Path:
-    """A small GRU made by the real pipeline: simulate -> prepare -> train -> export."""
+def build_model(root: Path, sessions: int = 1500, seed: int = 5, kind: str = "gru", train_seed: int = 3,
+                name: str = "testgru", version: str = "3") -> Path:
+    """A small model (GRU or `kind="dilated"`) made by the real pipeline: simulate -> prepare ->
+    train -> export. Same `sessions`/`seed`, another `train_seed`: another model, same vocabulary."""
     root.mkdir(parents=True, exist_ok=True)
     steps = [
         ["simulate", "--sessions", str(sessions), "--seed", str(seed), "--buy-share", "0.1",
          "--out", str(root / "sim.parquet")],
         ["prepare", "--dataset", "canonical", "--input", str(root / "sim.parquet"), "--out", str(root / "prep")],
-        ["train", "--data", str(root / "prep"), "--out", str(root / "ck"), "--model", "gru", "--seed", "3",
+        ["train", "--data", str(root / "prep"), "--out", str(root / "ck"), "--model", kind, "--seed", str(train_seed),
          "--max-steps", "20", "--epochs", "1", "--batch-size", "32", "--embedding-dim", "16",
          "--hidden-dim", "24", "--threads", "1", "--max-valid-windows", "300"],
-        ["export", "--checkpoint", str(root / "ck"), "--out", str(root / "model"), "--name", "testgru",
-         "--model-version", "3"],
+        ["export", "--checkpoint", str(root / "ck"), "--out", str(root / "model"), "--name", name,
+         "--model-version", version],
     ]
     for argv in steps:
         done = subprocess.run([CLICKSCORE, *argv], capture_output=True, text=True)

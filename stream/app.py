@@ -8,7 +8,8 @@ the batch logic is plain code in stream/pipeline.py, this module only wires it t
 
     raw bytes --(pipeline.prepare: events.decode, key check)--> ClickEvent | dead letter
     ClickEvent --(session_state.advance)--> session window (table `sessions`, changelog-backed)
-    windows --(pipeline.score_isolated: ModelScorer.score, executor thread)--> buy probability, top-k
+    windows --(model_cache.score_cached: step graph from cached per-session state, window graph on a
+    miss; pipeline.score_isolated without a step graph; inference thread)--> buy probability, top-k
     --(pipeline.finish)--> buyer-scores (until the session's first transaction), next-items
     (every valid event), triggers (with --rules, table `trigger-state`), dead letters
     outputs --(deliver: every delivery report checked, failures re-sent)--> ack -> commit
@@ -17,6 +18,9 @@ Batches are pipelined (`begin` -> inference thread -> `complete`): batch N+1 is 
 and its state advanced while batch N is scored and batch N-1's outputs are delivered;
 one inference thread scores batches in the order begun and one task delivers and acks
 them in that order, so a session's events keep their order end to end.
+The inference thread owns the model-state cache (stream/model_cache.py) and takes the
+model for each batch from a ModelSource (stream/registry.py): a registry's new version
+takes over between two batches, and each batch's outputs name the model that scored it.
 
 Decisions a reader needs:
 - Input is consumed as raw bytes so this worker, not Faust's codec, decides what is
@@ -62,9 +66,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from stream import metrics, offsets, pipeline
+from stream import metrics, model_cache, offsets, pipeline
 from stream.errors import ClickscoreError
 from stream.fencing import Fence
+from stream.registry import ModelSource, ModelTagged
 from stream.scoring import ModelScorer
 from stream.session_state import idle_keys
 from stream.settings import Settings, settings_from_args
@@ -126,7 +131,7 @@ class InFlight:
     events: Sequence[Any]                 # Faust events, acked after delivery
     records: list                         # pipeline.Record per event
     batch: Any                            # pipeline.Batch
-    scoring: "asyncio.Future"             # -> (pipeline.Scores, inference seconds)
+    scoring: "asyncio.Future"             # -> (pipeline.Scores, inference seconds, ModelTagged that scored it)
     started: float                        # perf_counter when the batch was begun
     evictions: int = 0                    # WorkerState.evictions when it was begun
 
@@ -173,9 +178,12 @@ def _set_fetch_max_wait(fetch_max_wait_ms: int) -> None:
     AIOKafkaConsumerThread._create_worker_consumer = create
 
 
-def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=None):
+def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=None,
+              source: ModelSource | None = None):
     """The Faust app: topics, the sessions table (and the trigger-state table when
-    `rules`, a stream.triggers.RuleSet, is given), the scoring agent and two monitors."""
+    `rules`, a stream.triggers.RuleSet, is given), the scoring agent and two monitors.
+    `source` (stream/registry.py) hands the inference thread the model for each batch
+    (a registry's newest version after a hot swap); without it, `scorer` serves."""
     import faust
     from faust.types import TP
 
@@ -230,7 +238,10 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
     timeout_ms = int(settings.session_timeout_s * 1000)
     topics = pipeline.Topics(settings.scores_topic, settings.next_items_topic, settings.dlq_topic,
                              settings.triggers_topic)
-    model = pipeline.ModelTag(info.name, info.version)
+    if source is None:
+        source = ModelSource(Path(info.path), ModelTagged(scorer, info.name, info.version), "auto", 0.0, False)
+    # Per-session model state for step scoring, owned by the inference thread (stream/model_cache.py).
+    state_cache = model_cache.ModelStateCache(settings.model_cache_bytes) if settings.model_cache_bytes else None
     consumed = metrics.EVENTS_CONSUMED.labels(topic=settings.input_topic)
     scored = {t: metrics.EVENTS_SCORED.labels(topic=t)
               for t in (settings.scores_topic, settings.next_items_topic)}
@@ -281,7 +292,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
             batch = whole_batch_failed(records, exc, "preparing a batch")
         # [window] -> scores, off the event loop. One inference thread scores batches in
         # the order they were begun, so a session's events are scored in order.
-        scoring = asyncio.get_running_loop().run_in_executor(executor, timed_score, batch.windows)
+        scoring = asyncio.get_running_loop().run_in_executor(executor, timed_score, batch)
         return InFlight(events, records, batch, scoring, started, worker.evictions)
 
     def whole_batch_failed(records: list, exc: Exception, where: str) -> pipeline.Batch:
@@ -289,9 +300,15 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         return pipeline.Batch(records, rejected=[pipeline.Rejected(i, "internal_error", detail)
                                                  for i in range(len(records))])
 
-    def timed_score(windows: list) -> tuple[pipeline.Scores, float]:
+    def timed_score(batch: pipeline.Batch) -> tuple[pipeline.Scores, float, ModelTagged]:
+        # Inference thread. A checked new model version takes over here, between batches.
+        served = source.take()
         t0 = time.perf_counter()
-        return pipeline.score_isolated(scorer.score, windows, settings.top_k), time.perf_counter() - t0
+        if state_cache is not None and served.scorer.supports_step and batch.accepted:
+            scores = model_cache.score_cached(served.scorer, state_cache, batch.accepted, settings.top_k)
+        else:
+            scores = pipeline.score_isolated(served.scorer.score, batch.windows, settings.top_k)
+        return scores, time.perf_counter() - t0, served
 
     async def hold_while_fenced() -> bool:
         """After a freeze past the session timeout our partitions may be another
@@ -316,24 +333,26 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         """Stage 3, on the event loop: outputs of a scored batch, delivered and checked.
         False when the batch was dropped by the fence (not delivered: do not ack)."""
         try:
-            scores, seconds = await flight.scoring
+            scores, seconds, served = await flight.scoring
         except Exception as exc:   # outside score_isolated's guard (which catches the model's own)
             scores, seconds = pipeline.Scores.all_failed(
                 len(flight.batch.accepted), settings.top_k, pipeline.internal_error(exc, "scoring a batch")), 0.0
+            served = source.current
+        model = pipeline.ModelTag(served.name, served.version)   # the model that scored this batch
         if flight.batch.accepted:
             metrics.INFERENCE_SECONDS.observe(seconds)
             metrics.BATCH_SIZE.observe(len(flight.batch.accepted))
         records, events = flight.records, flight.events
         # (event, score) -> output records and dead letters
         try:
-            done = pipeline.finish(flight.batch, scores, topics, scorer.item_ids, model, triggers,
+            done = pipeline.finish(flight.batch, scores, topics, served.scorer.item_ids, model, triggers,
                                    processing_ms=round((time.perf_counter() - flight.started) * 1000, 3))
             for key, (value, index) in done.trigger_writes.items():
                 _write_in_event_context(events[index], trigger_states.__setitem__, key, value)
         except Exception as exc:   # outside the per-record guards: as in begin()
             failed = whole_batch_failed(records, exc, "building a batch's outputs")
-            done = pipeline.finish(failed, pipeline.score_isolated(scorer.score, [], settings.top_k),
-                                   topics, scorer.item_ids, model)
+            done = pipeline.finish(failed, pipeline.score_isolated(served.scorer.score, [], settings.top_k),
+                                   topics, served.scorer.item_ids, model)
         for reason, count in done.dead_lettered.items():
             metrics.EVENTS_DEAD_LETTERED.labels(reason=reason).inc(count)
         for probability in done.buy_probabilities:
@@ -551,10 +570,13 @@ def _run_worker(args: argparse.Namespace) -> int:
                                   "(installed with clickscore: pip install rocksdict); or use memory://") from None
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    scorer = ModelScorer(settings.model, provider=settings.execution_provider)
-    log.info("model %s v%s (%s) from %s, execution provider %s", scorer.info.name, scorer.info.version,
+    # A plain export folder, or a registry (onnx_models/NAME): its newest valid version.
+    source = ModelSource.open(settings.model, settings.execution_provider, settings.model_poll_s,
+                              settings.inference_threads)
+    scorer = source.current.scorer
+    log.info("model %s v%s (%s) from %s, execution provider %s", source.current.name, source.current.version,
              scorer.info.kind, scorer.info.path, scorer.info.provider)
-    metrics.set_model_info(scorer.info.name, scorer.info.version, scorer.info.provider)
+    metrics.set_model_info(source.current.name, source.current.version, scorer.info.provider)
     if settings.metrics_port:
         metrics.start_metrics_server(settings.metrics_host, settings.metrics_port)
     rules = None
@@ -564,7 +586,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         log.info("trigger rules %s from %s -> %s", ", ".join(rules.names), settings.rules,
                  settings.triggers_topic)
     partitions = ensure_topics(settings)
-    app = build_app(settings, scorer, partitions, rules)
+    app = build_app(settings, scorer, partitions, rules, source)
+    source.start_polling()   # a registry: load and check new versions in the background
 
     import faust
 

@@ -119,6 +119,9 @@ def _export(p: argparse.ArgumentParser) -> None:
                    help="model folder to write, e.g. onnx_models/NAME")
     add_env_option(p, "--name", "CLICKSCORE_EXPORT_NAME", help="model name (default: the --out folder's name)")
     add_env_option(p, "--model-version", "CLICKSCORE_EXPORT_MODEL_VERSION", default="1", help="model version")
+    _switch(p, "--registry", "CLICKSCORE_EXPORT_REGISTRY",
+            "--out is a model registry (onnx_models/NAME): write its next VERSION folder, numbered "
+            "1, 2, ... (--model-version is then that number); also when --out already holds versions")
     add_env_option(p, "--opset", "CLICKSCORE_EXPORT_OPSET", type=int, default=17, help="ONNX opset (>= 17)")
     add_env_option(p, "--tolerance", "CLICKSCORE_EXPORT_TOLERANCE", type=float, default=1e-5,
                    help="largest allowed |PyTorch - onnxruntime| difference in the parity check")
@@ -168,6 +171,12 @@ def _worker(p: argparse.ArgumentParser) -> None:
         "max_message_bytes", "store", "data_dir", "web_port", "metrics_port", "metrics_host",
         "execution_provider", "rules", "session_timeout_ms", "heartbeat_interval_ms",
         "rebalance_timeout_ms", "fetch_max_wait_ms", "log_level", "compression_type"))
+    add_settings(p, ("model_cache_bytes", "model_poll_s", "inference_threads"))
+
+
+def _models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="model registry folder (onnx_models/NAME with VERSION subfolders) "
+                                "or a single exported model folder")
 
 
 def _sink(p: argparse.ArgumentParser) -> None:
@@ -337,6 +346,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
              _demo, "stream.demo:run"),
     "tail": ("print the records of a topic (scores, next items, dead letters, triggers, any topic)",
              _tail, "stream.tail:run"),
+    "models": ("list a model registry's versions, whether each is valid, and which one a worker serves",
+               _models, "stream.registry:run"),
 }
 
 

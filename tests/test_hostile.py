@@ -178,19 +178,25 @@ def poisoned_copy(model_dir: Path, out: Path, price_above: float) -> Path:
     from onnx import TensorProto, helper
 
     shutil.copytree(model_dir, out)
-    model = onnx.load(out / "model.onnx")
-    graph = model.graph
-    for node in graph.node:
-        node.output[:] = ["buy_probability_clean" if o == "buy_probability" else o for o in node.output]
-    graph.node.extend([
-        helper.make_node("ReduceMax", ["price"], ["max_price"], axes=[1], keepdims=0),
-        helper.make_node("Constant", [], ["threshold"], value=helper.make_tensor("t", TensorProto.FLOAT, [], [price_above])),
-        helper.make_node("Constant", [], ["nan"], value=helper.make_tensor("n", TensorProto.FLOAT, [], [float("nan")])),
-        helper.make_node("Greater", ["max_price", "threshold"], ["poisoned"]),
-        helper.make_node("Where", ["poisoned", "nan", "buy_probability_clean"], ["buy_probability"]),
-    ])
-    onnx.checker.check_model(model)
-    onnx.save(model, out / "model.onnx")
+    # Both graphs: the worker scores a session's events with the step graph (model_step.onnx,
+    # price (B,)) while it carries their state, and with the window graph (price (B, T)) otherwise.
+    for name, reduce in (("model.onnx", True), ("model_step.onnx", False)):
+        if not (out / name).exists():
+            continue
+        model = onnx.load(out / name)
+        graph = model.graph
+        for node in graph.node:
+            node.output[:] = ["buy_probability_clean" if o == "buy_probability" else o for o in node.output]
+        graph.node.extend([
+            helper.make_node("ReduceMax", ["price"], ["max_price"], axes=[1], keepdims=0) if reduce else
+            helper.make_node("Identity", ["price"], ["max_price"]),
+            helper.make_node("Constant", [], ["threshold"], value=helper.make_tensor("t", TensorProto.FLOAT, [], [price_above])),
+            helper.make_node("Constant", [], ["nan"], value=helper.make_tensor("n", TensorProto.FLOAT, [], [float("nan")])),
+            helper.make_node("Greater", ["max_price", "threshold"], ["poisoned"]),
+            helper.make_node("Where", ["poisoned", "nan", "buy_probability_clean"], ["buy_probability"]),
+        ])
+        onnx.checker.check_model(model)
+        onnx.save(model, out / name)
     return out
 
 

@@ -456,3 +456,121 @@ def test_serving_modules_import_and_score_without_torch(tmp_path):
     assert done.returncode == 0, done.stderr
     provider, *rest = done.stdout.split()
     assert provider.endswith("ExecutionProvider") and rest == ["torch", "blocked"]
+
+
+# -- the model-state cache (stream/model_cache.py) on real workers ----------------------
+
+@pytest.fixture(scope="module")
+def dilated_dir(tmp_path_factory) -> Path:
+    """A small dilated-convolution model, made like model_dir (same vocabulary)."""
+    from bench.workerkit import build_model
+    return build_model(tmp_path_factory.mktemp("dilated"), kind="dilated", name="testdilated")
+
+
+def cache_counters(metrics_port: int) -> dict[str, float]:
+    """clickscore_model_cache_* counters of a running worker, from its /metrics."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("clickscore_model_cache_") and "_created" not in line:
+            name, value = line.split()[:2]
+            out[name.removeprefix("clickscore_model_cache_").removesuffix("_total")] = float(value)
+    return out
+
+
+def wait_for_log(worker: WorkerProcess, text: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in worker.log():
+            return
+        assert worker.proc.poll() is None, worker.log()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in the worker log after {timeout} s:\n{worker.log()[-3000:]}")
+
+
+@pytest.mark.parametrize("kind", ["gru", "dilated"])
+def test_cached_model_state_scores_like_offline_across_rebalances_and_a_restart(
+        broker, model_dir, dilated_dir, tmp_path, kind):
+    """Step scoring from cached per-session state (cache on) equals the window model for
+    every event while the state is carried, rebuilt after a rebalance (a worker that gets
+    partitions back holds stale states: they must miss, not be stepped from), and rebuilt
+    after a restart (empty cache), for both model kinds. Sessions run through all four
+    parts, so every part continues sessions that another worker or process advanced."""
+    from stream.scoring import ModelScorer
+
+    model = model_dir if kind == "gru" else dilated_dir
+    scorer = ModelScorer(model, provider="cpu")
+    t = topics()
+    sim_path = tmp_path / "sim.parquet"
+    subprocess.run([CLICKSCORE, "simulate", "--sessions", "200", "--seed", "13", "--buy-share", "0.2",
+                    "--out", str(sim_path)], check=True, capture_output=True)
+    log = event_dicts(pl.read_parquet(sim_path).sort("timestamp", maintain_order=True), f"c{kind[0]}-")
+    sessions = by_session(log)
+    position = {e["event_id"]: k for s in sessions.values() for k, e in enumerate(s)}
+    length = {e["event_id"]: len(sessions[e["session_id"]]) for e in log}
+    parts = [[e for e in log if position[e["event_id"]] * 4 // length[e["event_id"]] == p] for p in range(4)]
+    assert all(parts)
+    keyed = lambda events: [(e["session_id"].encode(), json.dumps(e).encode()) for e in events]  # noqa: E731
+    app_id = f"app-{uuid.uuid4().hex[:8]}"
+    args = ["--top-k", str(TOP_K), "--batch-size", "32", "--partitions", "4", "--model-cache-bytes",
+            str(64 << 20), *LONG_TIMEOUT]
+    ports = {name: free_port() for name in ("a", "b", "a2")}
+    worker = {name: WorkerProcess(broker, model, t, app_id, tmp_path / f"{name}.log", free_port(),
+                                  [*args, "--metrics-port", str(ports[name])]) for name in ports}
+
+    def scored_through(n_parts: int) -> None:
+        want = {e["event_id"] for part in parts[:n_parts] for e in part}
+        read_topic(broker, t["next_items"], lambda r: want <= {json.loads(x.value)["event_id"] for x in r},
+                   timeout=180, settle=0)
+
+    try:
+        worker["a"].start()
+        wait_for_log(worker["a"], "Worker ready")
+        produce(broker, t["input"], keyed(parts[0]))
+        scored_through(1)                                   # a alone: carries every session's state
+        worker["b"].start()
+        wait_for_log(worker["b"], "Executing _on_partitions_assigned")
+        time.sleep(2.0)                                     # the rebalance after b joined settles
+        produce(broker, t["input"], keyed(parts[1]))
+        scored_through(2)                                   # b advanced the sessions of its partitions
+        counters_b = cache_counters(ports["b"])
+        assert counters_b["hits"] + counters_b["misses"] > 0, "b must have scored part of part 2"
+        worker["b"].stop()                                  # a gets them back, its states for them stale
+        produce(broker, t["input"], keyed(parts[2]))
+        scored_through(3)
+        counters_a = cache_counters(ports["a"])
+        worker["a"].stop()                                  # a restart: a new process, an empty cache
+        worker["a2"].start()
+        produce(broker, t["input"], keyed(parts[3]))
+        items, dead = read_accounted(broker, t, log)
+        want_scored, want_outcomes = expected_buyer_events(log)
+        scores = read_topic(broker, t["scores"], lambda r: len({json.loads(x.value)["event_id"] for x in r})
+                            >= len((want_scored | want_outcomes) - set(dead)), timeout=60)
+        counters_a2 = cache_counters(ports["a2"])
+        assert worker["a2"].proc.poll() is None, worker["a2"].log()[-3000:]
+    finally:
+        for w in worker.values():
+            w.stop()
+
+    item_values, score_values = values(items), values(scores)
+    assert_only_long_sessions_unscorable(dead, log)
+    assert {v["event_id"] for v in item_values} | set(dead) == {e["event_id"] for e in log}
+    # The cache did the work, and rebuilt what it could not know.
+    print(f"\n{kind}: worker a {counters_a}, b {counters_b}, restarted a {counters_a2}")
+    assert counters_b["misses"] > 0, counters_b                            # a's sessions, new to b
+    assert counters_a["hits"] > counters_a["misses"] > 0, counters_a     # b's sessions came back
+    assert counters_a2["hits"] > 0 and counters_a2["misses"] > 0, counters_a2
+    assert counters_a["too_long"] + counters_a2["too_long"] > 0            # sessions past 100 events
+    # Known, not the cache's: after a rebalance Faust 0.15.3 on the embedded broker may
+    # restore a session without its newest changelog writes (tests/test_faults.py, scaling;
+    # issue 9), seen as an output whose event_count is not the session's. Every output with
+    # the right count must still equal the window model; the others are reported.
+    reference = offline_scores(scorer, sessions, TOP_K)
+    lost = {v["event_id"] for v in item_values + score_values if v["event_count"] != reference[v["event_id"]][3]}
+    assert_matches_offline([v for v in score_values if v["event_id"] not in lost],
+                           [v for v in item_values if v["event_id"] not in lost], reference)
+    if lost:
+        pytest.xfail(f"Faust restored {len(lost)} events' sessions without their newest state after a "
+                     f"rebalance (event_count differs; issue 9); the other {len(item_values) - len(lost)} outputs "
+                     f"equal offline")

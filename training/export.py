@@ -477,9 +477,17 @@ def export(checkpoint_dir: str | Path, out: str | Path, name: str | None = None,
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry (stream/cli.py)."""
-    parity = export(args.checkpoint, args.out, args.name, args.model_version, args.opset, args.tolerance,
+    from stream import registry
+
+    out, version, name = args.out, args.model_version, args.name
+    if getattr(args, "registry", False) or registry.is_registry(out):
+        # onnx_models/NAME/VERSION: the next version, named after the registry (stream/registry.py).
+        name = name or Path(out).name
+        path, number = registry.next_version_path(out)
+        out, version = str(path), str(number)
+    parity = export(args.checkpoint, out, name, version, args.opset, args.tolerance,
                     args.data_command)
-    print(f"exported {args.out}: parity on {parity['windows']} windows, max |diff| buy "
+    print(f"exported {out}: parity on {parity['windows']} windows, max |diff| buy "
           f"{parity['buy_probability']:.2e}, next-item {parity['next_item_scores']:.2e}; step vs window: buy "
           f"{parity['step']['buy_probability']:.2e}, next-item {parity['step']['next_item_scores']:.2e}, "
           f"state {parity['step']['state']:.2e}")
