@@ -45,12 +45,6 @@ MODEL_SWAPS = Counter(
     "now) or refused (corrupt, or not compatible with the one serving; the old one keeps serving)",
     ["result"], registry=REGISTRY)
 
-# Session rows store the model's vocabulary indices until they are switched to
-# model-independent hashes: until then a version with another vocabulary would misread
-# every stored session, so it is refused. Set to True once rows are hashed.
-ROWS_ARE_MODEL_INDEPENDENT = False
-
-
 @dataclass(frozen=True)
 class ModelTagged:
     """A loaded model and the name/version its outputs carry."""
@@ -96,9 +90,8 @@ def compatible(serving: ModelScorer, candidate: ModelScorer) -> str | None:
     (None: it can)."""
     if candidate.info.window != serving.info.window:
         return f"window {candidate.info.window} events, the serving model's is {serving.info.window}"
-    if not ROWS_ARE_MODEL_INDEPENDENT and candidate.info.vocab_hash != serving.info.vocab_hash:
-        return (f"vocabulary {candidate.info.vocab_hash} differs from the serving model's "
-                f"{serving.info.vocab_hash}: stored session rows hold vocabulary indices")
+    # Another vocabulary is fine: session rows hold hashes of the raw ids (STATE_VERSION 2),
+    # which each model maps to its own indices when it encodes a window.
     return None
 
 

@@ -35,8 +35,8 @@ TOP_K = 5
 
 @pytest.fixture(scope="module")
 def second_model(model_dir, tmp_path_factory) -> Path:
-    """Another GRU on the same data (another training seed): same vocabulary, other scores."""
-    return build_model(tmp_path_factory.mktemp("second"), train_seed=4, name="testgru", version="1")
+    """Another GRU trained on other simulated data: another vocabulary, other scores."""
+    return build_model(tmp_path_factory.mktemp("second"), seed=6, train_seed=4, name="testgru", version="1")
 
 
 def corrupt_copy(src: Path, dst: Path) -> None:
@@ -92,16 +92,18 @@ def test_source_serves_newest_valid_refuses_bad_ones_and_swaps_between_batches(m
     assert source.current.version == "1" and source.current.name == "reg"   # 2 is corrupt: refused
     refused = registry.MODEL_SWAPS.labels(result="refused")._value.get()
     assert source.poll_once() is None                         # nothing new (2 remembered as refused)
-    # A version with another vocabulary: refused while session rows hold vocabulary indices.
-    other_vocab = tmp_path / "other"
-    shutil.copytree(second_model, other_vocab)
-    features = json.loads((other_vocab / "features.json").read_text())
-    features["vocab_hash"] = "0" * len(features["vocab_hash"])
-    (other_vocab / "features.json").write_text(json.dumps(features))
-    put_version(other_vocab, reg, 3)
+    # A version with another window size: refused (stored sessions were kept for this one).
+    other_window = tmp_path / "other"
+    shutil.copytree(second_model, other_window)
+    features = json.loads((other_window / "features.json").read_text())
+    features["window"] = features["window"] + 1
+    (other_window / "features.json").write_text(json.dumps(features))
+    put_version(other_window, reg, 3)
     assert source.poll_once() is None
     assert registry.MODEL_SWAPS.labels(result="refused")._value.get() == refused + 1
     assert source.take().version == "1"
+    # Another vocabulary is fine: session rows hold hashes of raw ids (state version 2).
+    assert ModelScorer(second_model, provider="cpu").info.vocab_hash != source.current.scorer.info.vocab_hash
     put_version(second_model, reg, 4)
     ready = source.poll_once()
     assert ready is not None and ready.version == "4"
