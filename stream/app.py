@@ -521,6 +521,8 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
     app.clickscore = worker   # for tests and the demo: watermarks, loop lag
     from stream import kafka_compat   # all codecs read, --compression-type, stop on unreadable batches
     kafka_compat.install(app, settings)
+    from stream import changelog_ends   # recovery reads each changelog to its true end
+    changelog_ends.install(settings)
     return app
 
 
