@@ -74,6 +74,10 @@ class LastPositionScorer(nn.Module):
         self.model = model
 
     def forward(self, event_type, item, category, hour, weekday, month, week, dwell, price, length):
+        if hasattr(self.model, "score_last"):   # models whose heads read the window too
+            buy_probability, next_item_scores, *_state = self.model.score_last(
+                event_type, item, category, hour, weekday, month, week, dwell, price, length)
+            return buy_probability, next_item_scores
         hidden = self.model.encode(event_type, item, category, hour, weekday, month, week, dwell, price)  # (B, W, H)
         last = (length - 1).clamp(min=0)                                   # (B,); empty window reads position 0
         index = last.view(-1, 1, 1).expand(-1, 1, hidden.size(2))         # (B, 1, H)
@@ -94,6 +98,9 @@ class WindowStateScorer(nn.Module):
         self.output_names = OUTPUT_NAMES + tuple(new_state_name(n) for n in model.state_names)
 
     def forward(self, event_type, item, category, hour, weekday, month, week, dwell, price, length):
+        if hasattr(self.model, "score_last"):   # (buy (B,), scores (B, n_items), *state)
+            return self.model.score_last(event_type, item, category, hour, weekday, month, week, dwell, price,
+                                         length)
         hidden, state = self.model.encode_with_state(event_type, item, category, hour, weekday, month, week,
                                                      dwell, price, length)              # (B, W, H), states
         last = (length - 1).clamp(min=0)                                   # (B,); empty window reads position 0
