@@ -116,6 +116,8 @@ def _train(p: argparse.ArgumentParser) -> None:
     add_env_option(p, "--repeat-mode", "CLICKSCORE_TRAIN_REPEAT_MODE", choices=("mixture", "bonus"),
                    default="mixture", help="gru --repeat: mixture = RepeatNet gate between a copy and a "
                    "catalogue distribution; bonus = learned recency bonus added to the window items' logits")
+    add_env_option(p, "--explore-loss-weight", "CLICKSCORE_TRAIN_EXPLORE_LOSS_WEIGHT", type=float, default=1.0,
+                   help="gru --repeat: weight of an extra cross-entropy on the catalogue logits alone")
     add_env_option(p, "--wide", "CLICKSCORE_TRAIN_WIDE", type=_bool, nargs="?", const=True, default=True,
                    help="gru: session aggregates and pooled states beside the last state in the buy head")
     add_env_option(p, "--calibrate", "CLICKSCORE_TRAIN_CALIBRATE", type=_bool, nargs="?", const=True,

@@ -147,7 +147,8 @@ def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, 
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
 
 
-def losses(model, batch: dict[str, torch.Tensor], pos_weight: torch.Tensor | None, logit_shift: float = 0.0):
+def losses(model, batch: dict[str, torch.Tensor], pos_weight: torch.Tensor | None, logit_shift: float = 0.0,
+           explore_weight: float = 0.0):
     """(buy loss, next-item loss, buy logits/targets at masked positions, next logits/targets).
 
     The buy loss sees logit + logit_shift: reweighting or resampling multiplies the
@@ -159,9 +160,12 @@ def losses(model, batch: dict[str, torch.Tensor], pos_weight: torch.Tensor | Non
     next_mask = batch["next_target"] != IGNORE                            # (B, W')
     if hasattr(model, "outputs_masked"):   # heads that also read the window (models/context.py)
         either = buy_mask | next_mask                                     # (B, W') one pass for both heads
-        buy_all, next_all = model.outputs_masked(hidden, inputs, either)  # (R,), (R, n_items)
+        aux: dict = {}
+        buy_all, next_all = model.outputs_masked(hidden, inputs, either, aux)   # (R,), (R, n_items)
         buy_logit, next_logits = buy_all[buy_mask[either]], next_all[next_mask[either]]
+        explore = aux.get("explore")
     else:
+        explore = None
         buy_logit = model.heads.buy_logit(hidden[buy_mask])                # (P,)
         next_logits = model.heads.next_item_logits(hidden[next_mask])      # (Q, n_items)
     buy_target = batch["buy_target"][buy_mask]                             # (P,)
@@ -170,6 +174,9 @@ def losses(model, batch: dict[str, torch.Tensor], pos_weight: torch.Tensor | Non
     buy_loss = (F.binary_cross_entropy_with_logits(buy_logit + logit_shift, buy_target, pos_weight=pos_weight)
                 if buy_logit.numel() else zero)
     next_loss = F.cross_entropy(next_logits, next_target) if next_logits.numel() else zero
+    if explore_weight and explore is not None and next_logits.numel() and explore is not next_all:
+        # the repeat head's catalogue logits get their own loss (see models/context.py)
+        next_loss = next_loss + explore_weight * F.cross_entropy(explore[next_mask[either]], next_target)
     return buy_loss, next_loss, buy_logit, buy_target, next_logits, next_target
 
 
@@ -363,7 +370,8 @@ def train(args: argparse.Namespace) -> dict:
             if buy_off.any():
                 batch["buy_mask"] &= ~buy_off[ids][:, None]
             batch = to_tensors(batch, device)
-            buy_loss, next_loss, *_ = losses(model, batch, pos_weight, logit_shift)
+            buy_loss, next_loss, *_ = losses(model, batch, pos_weight, logit_shift,
+                                             getattr(args, "explore_loss_weight", 0.0) or 0.0)
             loss = args.buy_loss_weight * buy_loss + next_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

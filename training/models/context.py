@@ -21,7 +21,7 @@ the encoder states (pooling over time, not only the last state) are fed with h_t
 the buy head through one hidden layer.
 
 Step state (`recent_items` (B, W) float item indices, newest last; `totals` (B, F)
-running sums; `state_sum` (B, H) running sum of encoder states) makes the step graph
+running counts and means; `state_mean` (B, H) running mean of encoder states) makes the step graph
 equal the window graph for sessions of <= W events (as for the GRU state itself).
 """
 from __future__ import annotations
@@ -32,7 +32,9 @@ from torch.nn import functional as F
 
 from stream.features import N_EVENT_TYPES
 
-# running sums per event: count, one per event type, first occurrence of the item, dwell, price
+# running totals per event: count, one per event type, first occurrences of items (all exact
+# integers in float32), then the running MEANS of dwell and price (means, not sums: a sum of
+# 100 floats drifts by more than the 1e-5 step parity allows between cumsum and stepping)
 N_TOTALS = 1 + N_EVENT_TYPES + 1 + 2
 N_WIDE = 1 + 2 * N_EVENT_TYPES + 2 + 2      # features made from the totals (wide_features)
 REPEAT_MODES = ("mixture", "bonus")
@@ -43,13 +45,13 @@ def wide_features(totals):
     n = totals[..., :1].clamp(min=1.0)                        # (..., 1) events so far
     counts = totals[..., 1:1 + N_EVENT_TYPES]                 # (..., T)
     distinct = totals[..., 1 + N_EVENT_TYPES:2 + N_EVENT_TYPES]
-    means = totals[..., 2 + N_EVENT_TYPES:] / n               # (..., 2) mean dwell, mean price
+    means = totals[..., 2 + N_EVENT_TYPES:]                   # (..., 2) mean dwell, mean price
     return torch.cat([torch.log1p(n), torch.log1p(counts), counts / n, torch.log1p(distinct), distinct / n,
                       means], dim=-1)
 
 
 class SessionContext(nn.Module):
-    state_names = ("recent_items", "totals", "state_sum")
+    state_names = ("recent_items", "totals", "state_mean")
 
     def __init__(self, hidden_dim: int, embedding, window: int, repeat: bool, wide: bool,
                  repeat_mode: str = "mixture"):
@@ -67,7 +69,7 @@ class SessionContext(nn.Module):
             self.wide = nn.Sequential(nn.Linear(2 * hidden_dim + N_WIDE, hidden_dim), nn.ReLU())
 
     def state_shapes(self, hidden_dim: int) -> dict[str, tuple[int, ...]]:
-        return {"recent_items": (self.window,), "totals": (N_TOTALS,), "state_sum": (hidden_dim,)}
+        return {"recent_items": (self.window,), "totals": (N_TOTALS,), "state_mean": (hidden_dim,)}
 
     def initial_state(self, batch_size: int, hidden_dim: int):
         return (torch.zeros(batch_size, self.window), torch.zeros(batch_size, N_TOTALS),
@@ -103,16 +105,17 @@ class SessionContext(nn.Module):
         same = item.unsqueeze(2) == item.unsqueeze(1)                         # (B, W_s, W_r)
         earlier = (pos.view(W, 1) > pos.view(1, W)).unsqueeze(0)              # r < s
         first = 1.0 - (same & earlier).any(dim=2).to(hidden.dtype)            # (B, W)
-        totals = torch.cumsum(self._event_totals(event_type, first, dwell, price), dim=1)   # (B, W, N_TOTALS)
-        out["totals"] = totals
-        out["state_sum"] = torch.cumsum(hidden, dim=1)                        # (B, W, H)
+        sums = torch.cumsum(self._event_totals(event_type, first, dwell, price), dim=1)   # (B, W, N_TOTALS)
+        n = (pos + 1).to(hidden.dtype).view(1, W, 1)                          # events up to t
+        out["totals"] = torch.cat([sums[..., :-2], sums[..., -2:] / n], dim=-1)
+        out["state_mean"] = torch.cumsum(hidden, dim=1) / n                   # (B, W, H)
         return out
 
     @staticmethod
     def pick(tensors: dict, mask):
         """Training: the positions where mask (B, W) is true -> dict of (Q, ..)."""
         picked = {"hidden": tensors["hidden"][mask], "totals": tensors["totals"][mask],
-                  "state_sum": tensors["state_sum"][mask]}
+                  "state_mean": tensors["state_mean"][mask]}
         W = mask.size(1)
         picked["item"] = tensors["item"].unsqueeze(1).expand(-1, W, -1)[mask]   # (Q, W_s)
         if "attention" in tensors:
@@ -128,7 +131,7 @@ class SessionContext(nn.Module):
             return x.gather(1, last.view(-1, 1, 1).expand(-1, 1, x.size(2))).squeeze(1)
 
         picked = {"hidden": at(tensors["hidden"]), "totals": at(tensors["totals"]),
-                  "state_sum": at(tensors["state_sum"]), "item": tensors["item"]}
+                  "state_mean": at(tensors["state_mean"]), "item": tensors["item"]}
         if "attention" in tensors:
             picked["attention"] = at(tensors["attention"])
         return picked
@@ -143,17 +146,20 @@ class SessionContext(nn.Module):
 
     # -- heads ------------------------------------------------------------------------
 
-    def outputs(self, picked: dict, heads):
-        """Picked (Q, ..) tensors -> (buy logit (Q,), next-item log-scores (Q, n_items))."""
+    def outputs(self, picked: dict, heads, aux: dict | None = None):
+        """Picked (Q, ..) tensors -> (buy logit (Q,), next-item log-scores (Q, n_items)).
+        `aux`, when given, receives the catalogue (explore) logits: training adds their own
+        cross-entropy, so the item embeddings learn as fast as without the repeat path."""
         h = picked["hidden"]
         if self.wide:
-            count = picked["totals"][:, :1].clamp(min=1.0)
-            pooled = picked["state_sum"] / count                              # (Q, H) mean state so far
+            pooled = picked["state_mean"]                                     # (Q, H) mean state so far
             features = self.wide_norm(wide_features(picked["totals"]))        # (Q, N_WIDE)
             buy_logit = heads.buy_logit(self.wide(torch.cat([h, pooled, features], dim=-1)))
         else:
             buy_logit = heads.buy_logit(h)
         logits = heads.next_item_logits(h)                                    # (Q, n_items)
+        if aux is not None:
+            aux["explore"] = logits
         if not self.repeat:
             return buy_logit, logits
         if self.repeat_mode == "bonus":
@@ -176,14 +182,17 @@ class SessionContext(nn.Module):
     def step(self, h, item, event_type, dwell, price, state, heads):
         """One event: encoder output h (B, H), inputs (B,), context state -> (buy logit,
         log-scores, new context state); equals the window graph at that position."""
-        recent, totals, state_sum = state
+        recent, totals, state_mean = state
         previous = recent.to(torch.int64)                                     # (B, W)
         seen = ((previous == item.view(-1, 1)) & (previous != 0)).any(dim=1)
         first = 1.0 - seen.to(h.dtype)
-        totals = totals + self._event_totals(event_type, first, dwell, price)
-        state_sum = state_sum + h
+        event = self._event_totals(event_type, first, dwell, price)           # (B, N_TOTALS)
+        n = totals[:, :1] + 1.0                                               # (B, 1) events incl. this one
+        totals = torch.cat([totals[:, :-2] + event[:, :-2],
+                            totals[:, -2:] + (event[:, -2:] - totals[:, -2:]) / n], dim=1)
+        state_mean = state_mean + (h - state_mean) / n
         items = torch.cat([previous[:, 1:], item.view(-1, 1)], dim=1)        # (B, W) newest last
-        picked = {"hidden": h, "totals": totals, "state_sum": state_sum, "item": items}
+        picked = {"hidden": h, "totals": totals, "state_mean": state_mean, "item": items}
         if self.repeat:
             if self.repeat_mode == "mixture":
                 keys = self.item_embedding(items)                             # (B, W, E)
@@ -193,4 +202,4 @@ class SessionContext(nn.Module):
             logits = logits + self.recency.flip(0)                            # slot j is W-1-j events back
             picked["attention"] = logits.masked_fill(items == 0, float("-inf"))
         buy_logit, scores = self.outputs(picked, heads)
-        return buy_logit, scores, (items.to(torch.float32), totals, state_sum)
+        return buy_logit, scores, (items.to(torch.float32), totals, state_mean)

@@ -73,7 +73,7 @@ class GRUModel(nn.Module):
             return buy_logit
         return buy_logit * c.calibration_scale + c.calibration_shift
 
-    def outputs_masked(self, hidden, inputs, mask):
+    def outputs_masked(self, hidden, inputs, mask, aux: dict | None = None):
         """hidden (B, W, H), the 9 inputs (B, W), mask (B, W) -> (buy logit (Q,), next-item
         scores (Q, n_items)) at the Q positions where mask is true (training, validation)."""
         if self.context is None:
@@ -81,7 +81,7 @@ class GRUModel(nn.Module):
             return self.calibrated(self.heads.buy_logit(picked)), self.heads.next_item_logits(picked)
         event_type, item, *_rest, dwell, price = inputs
         tensors = self.context.window_tensors(hidden, item, event_type, dwell, price)
-        buy_logit, scores = self.context.outputs(self.context.pick(tensors, mask), self.heads)
+        buy_logit, scores = self.context.outputs(self.context.pick(tensors, mask), self.heads, aux)
         return self.calibrated(buy_logit), scores
 
     def score_last(self, event_type, item, category, hour, weekday, month, week, dwell, price, length):
@@ -99,7 +99,7 @@ class GRUModel(nn.Module):
         buy_logit, scores = self.context.outputs(picked, self.heads)
         seen = (length > 0).to(hidden.dtype).view(-1, 1)                   # (B, 1): empty window, zero state
         context_state = (self.context.recent_after(item, length), picked["totals"] * seen,
-                         picked["state_sum"] * seen)
+                         picked["state_mean"] * seen)
         return torch.sigmoid(self.calibrated(buy_logit)), scores, *state, *context_state
 
     def encode(self, event_type, item, category, hour, weekday, month, week, dwell, price):
