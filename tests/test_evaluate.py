@@ -86,6 +86,20 @@ def test_evaluate_real_buy_labels(diginetica, tmp_path):
         assert block["auc_ci95"][0] <= block["auc"] <= block["auc_ci95"][1]
         assert set(block["prefix_auc"]) == {"1", "3", "10"}
 
+    # paired model - baseline differences on the same examples, best baselines named
+    paired = result["paired"]
+    assert set(paired["next_item"]) == {"sknn", "vsknn", "stan", "vstan", "sr"}
+    assert paired["next_item_best"] in paired["next_item"]
+    for name, diff in paired["next_item"].items():
+        assert diff["recall_diff"] == pytest.approx(result["recall_at_20"] - baselines[name]["recall_at_20"])
+        low, high = diff["recall_diff_ci95"]
+        assert low <= diff["recall_diff"] <= high
+    assert paired["buy_best"] in ("aggregates_gbm", "aggregates_logistic")
+    for name in ("aggregates_gbm", "aggregates_logistic"):
+        diff = paired["buy"][name]
+        assert diff["auc_diff"] == pytest.approx(result["auc"] - baselines[name]["auc"])
+        assert diff["auc_diff_ci95"][0] <= diff["auc_diff"] <= diff["auc_diff_ci95"][1]
+
     text = report.read_text()
     assert "count as misses" in text and "| sknn |" in text and "aggregates_gbm" in text
     for kind in ("roc", "pr", "calibration"):
@@ -160,3 +174,25 @@ def test_tune_gbm_picks_the_best_valid_auc_of_its_grid():
         (("num_leaves", a), ("n_estimators", b)) for a in (3, 7) for b in (5, 50)}
     assert best == max(trials, key=lambda t: t["valid_auc"])["params"]
     assert max(t["valid_auc"] for t in trials) > 0.8
+
+
+def test_paired_intervals_are_zero_for_a_scorer_against_itself_and_above_zero_for_a_better_one():
+    from training import metrics
+
+    rng = np.random.default_rng(0)
+    sessions = np.repeat(np.arange(300), 4)                          # 4 targets per session
+    ranks = rng.integers(1, 60, sessions.size).astype(float)
+    same = metrics.paired_next_item_ci(sessions, ranks, ranks, n_resamples=200)
+    assert same["recall_diff"] == 0 and same["recall_diff_ci95"] == [0.0, 0.0]
+    better = np.where(rng.random(sessions.size) < 0.3, 1.0, ranks)   # 30% of targets moved to rank 1
+    diff = metrics.paired_next_item_ci(sessions, better, ranks, n_resamples=200)
+    assert diff["recall_diff_ci95"][0] > 0 and diff["mrr_diff_ci95"][0] > 0
+
+    labels = (rng.random(sessions.size) < 0.2).astype(float)
+    noise = rng.random(sessions.size)
+    informative = labels + rng.normal(0, 0.5, sessions.size)
+    auc = metrics.paired_auc_ci(sessions, labels, informative, noise, n_resamples=200)
+    assert auc["auc_diff"] == pytest.approx(metrics.roc_auc(labels, informative) - metrics.roc_auc(labels, noise))
+    assert auc["auc_diff_ci95"][0] > 0
+    flat = metrics.paired_auc_ci(sessions, labels, noise, noise, n_resamples=50)
+    assert flat["auc_diff"] == 0 and flat["auc_diff_ci95"] == [0.0, 0.0]

@@ -206,7 +206,7 @@ def test_inputs_of_model_inputs_are_the_encoded_names():
 
 # -- heads that read the window (training/models/context.py) -------------------------
 
-CONTEXT_VARIANTS = [{"repeat": True, "wide": True}, {"repeat": True, "repeat_mode": "bonus"},
+CONTEXT_VARIANTS = [{"repeat": True, "wide": True, "item_rates": True}, {"repeat": True, "repeat_mode": "bonus"},
                     {"wide": True}, {"repeat": True, "wide": True, "calibration_scale": 0.7,
                                      "calibration_shift": -0.4}]
 

@@ -126,7 +126,8 @@ def make_config(kind: str, artefacts, args: argparse.Namespace):
                   window=artefacts.window)
     if kind == "gru":
         return GRUConfig(**common, repeat=bool(getattr(args, "repeat", False)), wide=bool(getattr(args, "wide", False)),
-                         repeat_mode=getattr(args, "repeat_mode", None) or "mixture")
+                         repeat_mode=getattr(args, "repeat_mode", None) or "mixture",
+                         item_rates=bool(getattr(args, "wide", False)))
     return DilatedConfig(**common)
 
 

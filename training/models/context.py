@@ -35,8 +35,12 @@ from stream.features import N_EVENT_TYPES
 # running totals per event: count, one per event type, first occurrences of items (all exact
 # integers in float32), then the running MEANS of dwell and price (means, not sums: a sum of
 # 100 floats drifts by more than the 1e-5 step parity allows between cumsum and stepping)
-N_TOTALS = 1 + N_EVENT_TYPES + 1 + 2
-N_WIDE = 1 + 2 * N_EVENT_TYPES + 2 + 2      # features made from the totals (wide_features)
+# then running MAXIMA (floored at 0, the zero initial state) of dwell, price and item buy propensity.
+N_COUNTS = 1 + N_EVENT_TYPES + 1
+N_MEANS = 3                                 # dwell, price, item buy propensity
+N_MAXIMA = 3                                # the same three
+N_TOTALS = N_COUNTS + N_MEANS + N_MAXIMA
+N_WIDE = 1 + 2 * N_EVENT_TYPES + 2 + N_MEANS + N_MAXIMA   # features made from the totals (wide_features)
 REPEAT_MODES = ("mixture", "bonus")
 
 
@@ -45,16 +49,16 @@ def wide_features(totals):
     n = totals[..., :1].clamp(min=1.0)                        # (..., 1) events so far
     counts = totals[..., 1:1 + N_EVENT_TYPES]                 # (..., T)
     distinct = totals[..., 1 + N_EVENT_TYPES:2 + N_EVENT_TYPES]
-    means = totals[..., 2 + N_EVENT_TYPES:]                   # (..., 2) mean dwell, mean price
+    rest = totals[..., N_COUNTS:]                             # (..., N_MEANS + N_MAXIMA)
     return torch.cat([torch.log1p(n), torch.log1p(counts), counts / n, torch.log1p(distinct), distinct / n,
-                      means], dim=-1)
+                      rest], dim=-1)
 
 
 class SessionContext(nn.Module):
     state_names = ("recent_items", "totals", "state_mean")
 
     def __init__(self, hidden_dim: int, embedding, window: int, repeat: bool, wide: bool,
-                 repeat_mode: str = "mixture"):
+                 repeat_mode: str = "mixture", item_rates: bool = False):
         super().__init__()
         assert repeat_mode in REPEAT_MODES, f"repeat_mode {repeat_mode!r} is not one of {REPEAT_MODES}"
         self.window, self.repeat, self.wide, self.repeat_mode = window, repeat, wide, repeat_mode
@@ -64,6 +68,12 @@ class SessionContext(nn.Module):
             self.query = nn.Linear(hidden_dim, dim)
             self.recency = nn.Parameter(torch.zeros(window))   # bonus by distance t - s
             self.gate = nn.Linear(hidden_dim, 1)
+        self.item_rates = item_rates
+        if item_rates:
+            # a learned buy propensity per item (the neural twin of the aggregate baseline's
+            # item buy rate), read only by the buy head through its session mean and maximum
+            self.item_buy = nn.Embedding(embedding.item.num_embeddings, 1, padding_idx=0)
+            nn.init.zeros_(self.item_buy.weight)
         if wide:
             self.wide_norm = nn.LayerNorm(N_WIDE)
             self.wide = nn.Sequential(nn.Linear(2 * hidden_dim + N_WIDE, hidden_dim), nn.ReLU())
@@ -77,12 +87,15 @@ class SessionContext(nn.Module):
 
     # -- per-event running sums -------------------------------------------------------
 
+    def _propensity(self, item, like):
+        return self.item_buy(item).squeeze(-1) if self.item_rates else torch.zeros_like(like)
+
     @staticmethod
-    def _event_totals(event_type, first, dwell, price):
-        """Per event (...,) -> its contribution to the running sums (..., N_TOTALS)."""
-        one = torch.ones_like(dwell).unsqueeze(-1)
-        kinds = F.one_hot(event_type, N_EVENT_TYPES).to(dwell.dtype)          # (..., T)
-        return torch.cat([one, kinds, first.unsqueeze(-1), dwell.unsqueeze(-1), price.unsqueeze(-1)], dim=-1)
+    def _event_counts(event_type, first, like):
+        """Per event (...,) -> its contribution to the running counts (..., N_COUNTS)."""
+        one = torch.ones_like(like).unsqueeze(-1)
+        kinds = F.one_hot(event_type, N_EVENT_TYPES).to(like.dtype)           # (..., T)
+        return torch.cat([one, kinds, first.unsqueeze(-1)], dim=-1)
 
     # -- window graph -----------------------------------------------------------------
 
@@ -105,9 +118,13 @@ class SessionContext(nn.Module):
         same = item.unsqueeze(2) == item.unsqueeze(1)                         # (B, W_s, W_r)
         earlier = (pos.view(W, 1) > pos.view(1, W)).unsqueeze(0)              # r < s
         first = 1.0 - (same & earlier).any(dim=2).to(hidden.dtype)            # (B, W)
-        sums = torch.cumsum(self._event_totals(event_type, first, dwell, price), dim=1)   # (B, W, N_TOTALS)
+        counts = torch.cumsum(self._event_counts(event_type, first, dwell), dim=1)   # (B, W, N_COUNTS)
+        values = torch.stack([dwell, price, self._propensity(item, dwell)], dim=-1)  # (B, W, 3)
         n = (pos + 1).to(hidden.dtype).view(1, W, 1)                          # events up to t
-        out["totals"] = torch.cat([sums[..., :-2], sums[..., -2:] / n], dim=-1)
+        means = torch.cumsum(values, dim=1) / n                               # (B, W, 3)
+        upto = (pos.view(W, 1) >= pos.view(1, W)).view(1, W, W, 1)           # s <= t
+        maxima = torch.where(upto, values.unsqueeze(1), torch.zeros_like(values).unsqueeze(1)).amax(dim=2)   # (B, W_t, 3)
+        out["totals"] = torch.cat([counts, means, maxima], dim=-1)            # (B, W, N_TOTALS)
         out["state_mean"] = torch.cumsum(hidden, dim=1) / n                   # (B, W, H)
         return out
 
@@ -186,11 +203,13 @@ class SessionContext(nn.Module):
         previous = recent.to(torch.int64)                                     # (B, W)
         seen = ((previous == item.view(-1, 1)) & (previous != 0)).any(dim=1)
         first = 1.0 - seen.to(h.dtype)
-        event = self._event_totals(event_type, first, dwell, price)           # (B, N_TOTALS)
-        n = totals[:, :1] + 1.0                                               # (B, 1) events incl. this one
-        totals = torch.cat([totals[:, :-2] + event[:, :-2],
-                            totals[:, -2:] + (event[:, -2:] - totals[:, -2:]) / n], dim=1)
-        state_mean = state_mean + (h - state_mean) / n
+        counts = totals[:, :N_COUNTS] + self._event_counts(event_type, first, dwell)   # (B, N_COUNTS)
+        values = torch.stack([dwell, price, self._propensity(item, dwell)], dim=-1)  # (B, 3)
+        means = totals[:, N_COUNTS:N_COUNTS + N_MEANS]
+        means = means + (values - means) / counts[:, :1]                      # running means
+        maxima = torch.maximum(totals[:, N_COUNTS + N_MEANS:], values)
+        totals = torch.cat([counts, means, maxima], dim=1)
+        state_mean = state_mean + (h - state_mean) / counts[:, :1]
         items = torch.cat([previous[:, 1:], item.view(-1, 1)], dim=1)        # (B, W) newest last
         picked = {"hidden": h, "totals": totals, "state_mean": state_mean, "item": items}
         if self.repeat:

@@ -39,6 +39,7 @@ class GRUConfig:
     repeat: bool = False              # gated copy distribution over the window's items
     repeat_mode: str = "mixture"      # mixture (RepeatNet gate) or bonus (additive recency bonus)
     wide: bool = False                # session aggregates + pooled states into the buy head
+    item_rates: bool = False          # wide: learned per-item buy propensity, session mean and max
     # Platt scaling of the buy logit, fitted on valid after training (train.py) and so
     # baked into both exported graphs: p = sigmoid(scale * logit + shift).
     calibration_scale: float = 1.0
@@ -62,7 +63,7 @@ class GRUModel(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.heads = OutputHeads(config.hidden_dim, self.embedding)
         self.context = (SessionContext(config.hidden_dim, self.embedding, config.window, config.repeat, config.wide,
-                                       config.repeat_mode)
+                                       config.repeat_mode, config.item_rates)
                         if config.repeat or config.wide else None)
         self.state_names = ("hidden",) + (SessionContext.state_names if self.context is not None else ())
 
