@@ -74,16 +74,16 @@ def _train(p: argparse.ArgumentParser) -> None:
     add_env_option(p, "--model", "CLICKSCORE_TRAIN_MODEL", choices=("gru", "dilated"), default="gru",
                    help="model family")
     add_env_option(p, "--out", "CLICKSCORE_TRAIN_OUT", required=True, help="checkpoint folder")
-    add_env_option(p, "--epochs", "CLICKSCORE_TRAIN_EPOCHS", type=int, default=10, help="most epochs")
+    add_env_option(p, "--epochs", "CLICKSCORE_TRAIN_EPOCHS", type=int, default=40, help="most epochs")
     add_env_option(p, "--batch-size", "CLICKSCORE_TRAIN_BATCH_SIZE", type=int, default=64,
                    help="windows per step")
-    add_env_option(p, "--lr", "CLICKSCORE_TRAIN_LR", type=float, default=2e-3, help="AdamW learning rate")
+    add_env_option(p, "--lr", "CLICKSCORE_TRAIN_LR", type=float, default=1e-3, help="AdamW learning rate")
     add_env_option(p, "--weight-decay", "CLICKSCORE_TRAIN_WEIGHT_DECAY", type=float, default=1e-4,
                    help="AdamW weight decay")
     add_env_option(p, "--clip", "CLICKSCORE_TRAIN_CLIP", type=float, default=1.0, help="gradient-norm clip")
     add_env_option(p, "--max-steps", "CLICKSCORE_TRAIN_MAX_STEPS", type=int, default=0,
                    help="stop after this many optimiser steps in all (0: no limit; for tests)")
-    add_env_option(p, "--patience", "CLICKSCORE_TRAIN_PATIENCE", type=int, default=2,
+    add_env_option(p, "--patience", "CLICKSCORE_TRAIN_PATIENCE", type=int, default=3,
                    help="early stopping: epochs without a better validation score "
                         "(mean of buy ROC AUC and next-item Recall@20); 0: off")
     add_env_option(p, "--imbalance", "CLICKSCORE_TRAIN_IMBALANCE", default="none",
@@ -111,6 +111,10 @@ def _train(p: argparse.ArgumentParser) -> None:
     add_env_option(p, "--max-valid-windows", "CLICKSCORE_TRAIN_MAX_VALID_WINDOWS", type=int, default=20000,
                    help="validate on at most this many windows (a fixed random subset)")
     from stream.settings import _bool
+    add_env_option(p, "--select-on", "CLICKSCORE_TRAIN_SELECT_ON", default="score",
+                   choices=("score", "buy_auc", "recall", "mrr"),
+                   help="valid figure that picks the epoch kept and drives early stopping "
+                        "(score = mean of buy ROC AUC and next-item Recall@20)")
     add_env_option(p, "--repeat", "CLICKSCORE_TRAIN_REPEAT", type=_bool, nargs="?", const=True, default=True,
                    help="gru: gated copy distribution over the items already in the window (RepeatNet-style)")
     add_env_option(p, "--repeat-mode", "CLICKSCORE_TRAIN_REPEAT_MODE", choices=("mixture", "bonus"),

@@ -12,7 +12,7 @@ import shlex
 import polars as pl
 import pytest
 
-from stream.cli import main
+from stream.cli import build_parser, main
 from stream.errors import ClickscoreError
 from training import train as train_module
 
@@ -50,8 +50,9 @@ def test_tune_trains_on_train_and_valid_only_and_logs_every_trial(yoochoose, tmp
     assert command[command.index("--fit-on") + 1] == "train+valid"
     assert command[command.index("--data") + 1] == str(yoochoose)      # the real folder for the final fit
     assert "fit the chosen configuration on train+valid" in capsys.readouterr().out
-    # trial 0 is the project defaults (lr 2e-3 unless the environment says otherwise)
-    assert rows[0]["params"]["lr"] == pytest.approx(2e-3)
+    # trial 0 is the project defaults
+    defaults = build_parser().parse_args(["train", "--data", ".", "--out", "."])
+    assert rows[0]["params"] == {name: getattr(defaults, name) for name in rows[0]["params"]}
 
 
 def test_tune_works_on_a_folder_that_has_no_test_rows(yoochoose, tmp_path, spy_reader):

@@ -103,6 +103,8 @@ PARITY_FILE = "parity_inputs.npz"
 MODEL_INPUTS = INPUT_NAMES[:-1]   # the 9 (B, W) inputs; `length` is the export wrapper's
 PARITY_WINDOWS = 300
 TOP_K = 20
+# --select-on -> the valid figure that picks the epoch (score = mean of buy AUC and R@20)
+SELECT_ON = {"score": "score", "buy_auc": "buy_roc_auc", "recall": "recall@20", "mrr": "mrr@20"}
 FIT_ON = {"train": ("train",), "train+valid": ("train", "valid")}   # --fit-on -> splits trained on
 
 
@@ -395,7 +397,9 @@ def train(args: argparse.Namespace) -> dict:
               f" | valid AUC {_fmt(valid['buy_roc_auc'])} PR-AUC {_fmt(valid['buy_pr_auc'])}"
               f" R@20 {_fmt(valid['recall@20'])} MRR@20 {_fmt(valid['mrr@20'])}"
               f" ({entry['seconds']:.0f} s)", file=sys.stderr)
-        score = valid["score"] if valid["score"] is not None else -entry["train_next_loss"]
+        select = SELECT_ON.get(getattr(args, "select_on", None) or "score", "score")
+        score = valid[select] if valid[select] is not None else (
+            valid["score"] if valid["score"] is not None else -entry["train_next_loss"])
         if not held_out:   # nothing held out: the last epoch is the model
             score = float(epoch)
         if score > best_score:
