@@ -196,3 +196,25 @@ def test_paired_intervals_are_zero_for_a_scorer_against_itself_and_above_zero_fo
     assert auc["auc_diff_ci95"][0] > 0
     flat = metrics.paired_auc_ci(sessions, labels, noise, noise, n_resamples=50)
     assert flat["auc_diff"] == 0 and flat["auc_diff_ci95"] == [0.0, 0.0]
+
+
+def test_results_tables_show_paired_intervals_and_replace_only_their_section(tmp_path):
+    from training.results import BEGIN, END, tables, write_between_markers
+
+    summary = {"recall_at_20": 0.7, "mrr_at_20": 0.38, "auc": 0.81, "auc_ci95": [0.78, 0.84], "ece": 0.012,
+               "n_positive_sessions": 166, "valid": {"recall@20": 0.62, "mrr@20": 0.34, "buy_roc_auc": 0.77},
+               "baselines": {"vstan": {"recall_at_20": 0.68, "mrr_at_20": 0.37},
+                             "aggregates_gbm": {"auc": 0.79, "auc_ci95": [0.76, 0.82], "ece": 0.02}},
+               "paired": {"next_item_best": "vstan", "buy_best": "aggregates_gbm",
+                          "next_item": {"vstan": {"recall_diff": 0.02, "recall_diff_ci95": [0.01, 0.03],
+                                                  "mrr_diff": 0.01, "mrr_diff_ci95": [0.002, 0.018]}},
+                          "buy": {"aggregates_gbm": {"auc_diff": 0.02, "auc_diff_ci95": [0.005, 0.035]}}}}
+    text = tables({"yoochoose-buys": summary})
+    assert "| yoochoose-buys | 0.7000 | 0.3800 | vstan |" in text
+    assert "+0.0200 [0.010, 0.030]" in text and "+0.0200 [0.005, 0.035]" in text
+    doc = tmp_path / "results.md"
+    doc.write_text(f"# Results\nkept above\n{BEGIN}\nold\n{END}\nkept below\n")
+    write_between_markers(doc, text)
+    content = doc.read_text()
+    assert content.startswith("# Results\nkept above\n") and content.endswith("kept below\n")
+    assert "old" not in content and "| yoochoose-buys |" in content

@@ -13,7 +13,8 @@ metadata_props as docs/CONTRACTS.md lists them, plus `dataset`.
 
 Incremental scoring: OUT/model_step.onnx, the step graph, takes one event per session
 (the 9 feature inputs, each (B,)) and the model state (`hidden` (B, layers, H) for the
-GRU; `cache_0..` (B, H, (k-1)*d) per block for the dilated model) and returns the same
+GRU, plus `recent_items`, `totals`, `state_mean` when its heads read the window,
+training/models/context.py; `cache_0..` (B, H, (k-1)*d) per block for the dilated model) and returns the same
 outputs plus the new state (`new_hidden`, `new_cache_0..`). The window graph gains the
 same `new_*` outputs: the state after position length-1, so a session whose state is
 not cached is rebuilt from its window in one batched call. Both graphs carry the

@@ -30,6 +30,16 @@ same data (train_log.json's best_epoch); the test split is never used for any ch
 The per-epoch "valid" figures logged in this mode are computed on sessions the model
 trains on, so they are only a training-fit diagnostic, not a held-out score.
 
+Heads that read the window (GRU; models/context.py; --repeat/--wide, on by default):
+the next-item loss is the cross-entropy of the repeat/catalogue mixture plus
+--explore-loss-weight x the cross-entropy of the catalogue logits alone (without it the
+item embeddings learn from the non-repeated targets only and recall lags; see
+docs/experiments-log.md). After training, Platt scaling of the buy logit is fitted on
+the valid prefixes (--calibrate) and stored in the config, so the exported graphs carry
+it; with --fit-on train+valid that fit is in-sample (valid was trained on) and the log
+says so. --select-on picks the epoch by one valid figure (buy_auc for buy deployments:
+the buy AUC peaks epochs before Recall@20 does on labelled YOOCHOOSE).
+
 Class imbalance (--imbalance) acts on the buy head only unless it resamples:
 - weight: BCE pos_weight = negative/positive buy positions in train;
 - undersample: each epoch the buy loss of a random share of non-buying windows is
