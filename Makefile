@@ -69,3 +69,9 @@ fuzz: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Regenerate the generated tables of docs/results.md from ../shared/datasets (hours on one CPU
+# thread; resumable: finished steps are skipped). See training/results.py.
+.PHONY: results
+results: venv
+	$(BIN)/python -m training.results --work reports/results --write docs/results.md

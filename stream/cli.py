@@ -74,16 +74,16 @@ def _train(p: argparse.ArgumentParser) -> None:
     add_env_option(p, "--model", "CLICKSCORE_TRAIN_MODEL", choices=("gru", "dilated"), default="gru",
                    help="model family")
     add_env_option(p, "--out", "CLICKSCORE_TRAIN_OUT", required=True, help="checkpoint folder")
-    add_env_option(p, "--epochs", "CLICKSCORE_TRAIN_EPOCHS", type=int, default=10, help="most epochs")
+    add_env_option(p, "--epochs", "CLICKSCORE_TRAIN_EPOCHS", type=int, default=40, help="most epochs")
     add_env_option(p, "--batch-size", "CLICKSCORE_TRAIN_BATCH_SIZE", type=int, default=64,
                    help="windows per step")
-    add_env_option(p, "--lr", "CLICKSCORE_TRAIN_LR", type=float, default=2e-3, help="AdamW learning rate")
+    add_env_option(p, "--lr", "CLICKSCORE_TRAIN_LR", type=float, default=1e-3, help="AdamW learning rate")
     add_env_option(p, "--weight-decay", "CLICKSCORE_TRAIN_WEIGHT_DECAY", type=float, default=1e-4,
                    help="AdamW weight decay")
     add_env_option(p, "--clip", "CLICKSCORE_TRAIN_CLIP", type=float, default=1.0, help="gradient-norm clip")
     add_env_option(p, "--max-steps", "CLICKSCORE_TRAIN_MAX_STEPS", type=int, default=0,
                    help="stop after this many optimiser steps in all (0: no limit; for tests)")
-    add_env_option(p, "--patience", "CLICKSCORE_TRAIN_PATIENCE", type=int, default=2,
+    add_env_option(p, "--patience", "CLICKSCORE_TRAIN_PATIENCE", type=int, default=3,
                    help="early stopping: epochs without a better validation score "
                         "(mean of buy ROC AUC and next-item Recall@20); 0: off")
     add_env_option(p, "--imbalance", "CLICKSCORE_TRAIN_IMBALANCE", default="none",
@@ -110,6 +110,50 @@ def _train(p: argparse.ArgumentParser) -> None:
                         "from the best epoch of an early-stopped --fit-on train run")
     add_env_option(p, "--max-valid-windows", "CLICKSCORE_TRAIN_MAX_VALID_WINDOWS", type=int, default=20000,
                    help="validate on at most this many windows (a fixed random subset)")
+    from stream.settings import _bool
+    add_env_option(p, "--select-on", "CLICKSCORE_TRAIN_SELECT_ON", default="score",
+                   choices=("score", "buy_auc", "recall", "mrr"),
+                   help="valid figure that picks the epoch kept and drives early stopping "
+                        "(score = mean of buy ROC AUC and next-item Recall@20)")
+    add_env_option(p, "--repeat", "CLICKSCORE_TRAIN_REPEAT", type=_bool, nargs="?", const=True, default=True,
+                   help="gru: gated copy distribution over the items already in the window (RepeatNet-style)")
+    add_env_option(p, "--repeat-mode", "CLICKSCORE_TRAIN_REPEAT_MODE", choices=("mixture", "bonus"),
+                   default="mixture", help="gru --repeat: mixture = RepeatNet gate between a copy and a "
+                   "catalogue distribution; bonus = learned recency bonus added to the window items' logits")
+    add_env_option(p, "--explore-loss-weight", "CLICKSCORE_TRAIN_EXPLORE_LOSS_WEIGHT", type=float, default=1.0,
+                   help="gru --repeat: weight of an extra cross-entropy on the catalogue logits alone")
+    add_env_option(p, "--wide", "CLICKSCORE_TRAIN_WIDE", type=_bool, nargs="?", const=True, default=True,
+                   help="gru: session aggregates and pooled states beside the last state in the buy head")
+    add_env_option(p, "--calibrate", "CLICKSCORE_TRAIN_CALIBRATE", type=_bool, nargs="?", const=True,
+                   default=True, help="fit Platt scaling of the buy head on valid and bake it into the model")
+
+
+def _tune(p: argparse.ArgumentParser) -> None:
+    add_env_option(p, "--data", "CLICKSCORE_TUNE_DATA", required=True,
+                   help="prepared folder; only its train and valid rows are read")
+    add_env_option(p, "--model", "CLICKSCORE_TUNE_MODEL", choices=("gru", "dilated"), default="gru",
+                   help="model family")
+    add_env_option(p, "--out", "CLICKSCORE_TUNE_OUT", required=True,
+                   help="folder for the trials log (trials.json, trials.csv, best.json) and trial runs")
+    add_env_option(p, "--trials", "CLICKSCORE_TUNE_TRIALS", type=int, default=20, help="Optuna trials")
+    add_env_option(p, "--timeout", "CLICKSCORE_TUNE_TIMEOUT", type=float, default=0,
+                   help="stop starting trials after this many seconds (0: no limit)")
+    add_env_option(p, "--objective", "CLICKSCORE_TUNE_OBJECTIVE", default="score",
+                   choices=("score", "recall", "mrr", "buy_auc"),
+                   help="valid figure maximised (score = train's early-stopping score)")
+    add_env_option(p, "--epochs", "CLICKSCORE_TUNE_EPOCHS", type=int, default=40, help="most epochs per trial")
+    add_env_option(p, "--patience", "CLICKSCORE_TUNE_PATIENCE", type=int, default=3,
+                   help="early stopping patience per trial")
+    add_env_option(p, "--max-steps", "CLICKSCORE_TUNE_MAX_STEPS", type=int, default=0,
+                   help="optimiser steps per trial (0: no limit; for tests)")
+    add_env_option(p, "--threads", "CLICKSCORE_TUNE_THREADS", type=int, default=1, help="torch CPU threads")
+    add_env_option(p, "--seed", "CLICKSCORE_TUNE_SEED", type=int, default=0,
+                   help="seed of the sampler and of every trial")
+    from stream.settings import _bool
+    add_env_option(p, "--start-from-defaults", "CLICKSCORE_TUNE_START_FROM_DEFAULTS", type=_bool, nargs="?",
+                   const=True, default=True, help="trial 0 is the project's default configuration")
+    add_env_option(p, "--keep-checkpoints", "CLICKSCORE_TUNE_KEEP_CHECKPOINTS", type=_bool, nargs="?",
+                   const=True, default=False, help="keep every trial's checkpoint folder")
 
 
 def _export(p: argparse.ArgumentParser) -> None:
@@ -331,6 +375,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
                  _simulate, "training.simulate:run"),
     "train": ("train a GRU or dilated-convolution session model on a prepared folder",
               _train, "training.train:run"),
+    "tune": ("search training hyperparameters on the valid split (Optuna); prints the train+valid command",
+             _tune, "training.tune:run"),
     "export": ("export a checkpoint to ONNX with metadata, model card and a parity check",
                _export, "training.export:run"),
     "evaluate": ("offline metrics of a model on a prepared folder, beside popular/SKNN/aggregate baselines",

@@ -86,6 +86,20 @@ def test_evaluate_real_buy_labels(diginetica, tmp_path):
         assert block["auc_ci95"][0] <= block["auc"] <= block["auc_ci95"][1]
         assert set(block["prefix_auc"]) == {"1", "3", "10"}
 
+    # paired model - baseline differences on the same examples, best baselines named
+    paired = result["paired"]
+    assert set(paired["next_item"]) == {"sknn", "vsknn", "stan", "vstan", "sr"}
+    assert paired["next_item_best"] in paired["next_item"]
+    for name, diff in paired["next_item"].items():
+        assert diff["recall_diff"] == pytest.approx(result["recall_at_20"] - baselines[name]["recall_at_20"])
+        low, high = diff["recall_diff_ci95"]
+        assert low <= diff["recall_diff"] <= high
+    assert paired["buy_best"] in ("aggregates_gbm", "aggregates_logistic")
+    for name in ("aggregates_gbm", "aggregates_logistic"):
+        diff = paired["buy"][name]
+        assert diff["auc_diff"] == pytest.approx(result["auc"] - baselines[name]["auc"])
+        assert diff["auc_diff_ci95"][0] <= diff["auc_diff"] <= diff["auc_diff_ci95"][1]
+
     text = report.read_text()
     assert "count as misses" in text and "| sknn |" in text and "aggregates_gbm" in text
     for kind in ("roc", "pr", "calibration"):
@@ -160,3 +174,47 @@ def test_tune_gbm_picks_the_best_valid_auc_of_its_grid():
         (("num_leaves", a), ("n_estimators", b)) for a in (3, 7) for b in (5, 50)}
     assert best == max(trials, key=lambda t: t["valid_auc"])["params"]
     assert max(t["valid_auc"] for t in trials) > 0.8
+
+
+def test_paired_intervals_are_zero_for_a_scorer_against_itself_and_above_zero_for_a_better_one():
+    from training import metrics
+
+    rng = np.random.default_rng(0)
+    sessions = np.repeat(np.arange(300), 4)                          # 4 targets per session
+    ranks = rng.integers(1, 60, sessions.size).astype(float)
+    same = metrics.paired_next_item_ci(sessions, ranks, ranks, n_resamples=200)
+    assert same["recall_diff"] == 0 and same["recall_diff_ci95"] == [0.0, 0.0]
+    better = np.where(rng.random(sessions.size) < 0.3, 1.0, ranks)   # 30% of targets moved to rank 1
+    diff = metrics.paired_next_item_ci(sessions, better, ranks, n_resamples=200)
+    assert diff["recall_diff_ci95"][0] > 0 and diff["mrr_diff_ci95"][0] > 0
+
+    labels = (rng.random(sessions.size) < 0.2).astype(float)
+    noise = rng.random(sessions.size)
+    informative = labels + rng.normal(0, 0.5, sessions.size)
+    auc = metrics.paired_auc_ci(sessions, labels, informative, noise, n_resamples=200)
+    assert auc["auc_diff"] == pytest.approx(metrics.roc_auc(labels, informative) - metrics.roc_auc(labels, noise))
+    assert auc["auc_diff_ci95"][0] > 0
+    flat = metrics.paired_auc_ci(sessions, labels, noise, noise, n_resamples=50)
+    assert flat["auc_diff"] == 0 and flat["auc_diff_ci95"] == [0.0, 0.0]
+
+
+def test_results_tables_show_paired_intervals_and_replace_only_their_section(tmp_path):
+    from training.results import BEGIN, END, tables, write_between_markers
+
+    summary = {"recall_at_20": 0.7, "mrr_at_20": 0.38, "auc": 0.81, "auc_ci95": [0.78, 0.84], "ece": 0.012,
+               "n_positive_sessions": 166, "valid": {"recall@20": 0.62, "mrr@20": 0.34, "buy_roc_auc": 0.77},
+               "baselines": {"vstan": {"recall_at_20": 0.68, "mrr_at_20": 0.37},
+                             "aggregates_gbm": {"auc": 0.79, "auc_ci95": [0.76, 0.82], "ece": 0.02}},
+               "paired": {"next_item_best": "vstan", "buy_best": "aggregates_gbm",
+                          "next_item": {"vstan": {"recall_diff": 0.02, "recall_diff_ci95": [0.01, 0.03],
+                                                  "mrr_diff": 0.01, "mrr_diff_ci95": [0.002, 0.018]}},
+                          "buy": {"aggregates_gbm": {"auc_diff": 0.02, "auc_diff_ci95": [0.005, 0.035]}}}}
+    text = tables({"yoochoose-buys": summary})
+    assert "| yoochoose-buys | 0.7000 | 0.3800 | vstan |" in text
+    assert "+0.0200 [0.010, 0.030]" in text and "+0.0200 [0.005, 0.035]" in text
+    doc = tmp_path / "results.md"
+    doc.write_text(f"# Results\nkept above\n{BEGIN}\nold\n{END}\nkept below\n")
+    write_between_markers(doc, text)
+    content = doc.read_text()
+    assert content.startswith("# Results\nkept above\n") and content.endswith("kept below\n")
+    assert "old" not in content and "| yoochoose-buys |" in content

@@ -202,3 +202,74 @@ def test_training_reduces_next_item_loss_on_real_data(yoochoose, tmp_path):
 def test_inputs_of_model_inputs_are_the_encoded_names():
     assert MODEL_INPUTS == ("event_type", "item", "category", "hour", "weekday", "month", "week",
                             "dwell", "price")
+
+
+# -- heads that read the window (training/models/context.py) -------------------------
+
+CONTEXT_VARIANTS = [{"repeat": True, "wide": True, "item_rates": True}, {"repeat": True, "repeat_mode": "bonus"},
+                    {"wide": True}, {"repeat": True, "wide": True, "calibration_scale": 0.7,
+                                     "calibration_shift": -0.4}]
+
+
+@pytest.mark.parametrize("extra", CONTEXT_VARIANTS)
+def test_context_heads_are_causal_and_step_exactly(extra):
+    torch.manual_seed(0)
+    model = build_model("gru", dict(tiny_config("gru"), **extra))
+    with torch.no_grad():   # untrained recency/gate parameters are zeros: make them matter
+        for p in model.context.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.eval()
+    inputs = random_inputs(3, WINDOW)
+    inputs["item"][:, 10:20] = inputs["item"][:, :10]          # repeats, so the copy path is used
+    changed = {k: v.clone() for k, v in inputs.items()}
+    t = 37
+    changed["item"][:, t:] = (changed["item"][:, t:] % 3) + 1
+    changed["event_type"][:, t:] = 3
+    with torch.no_grad():
+        buy, nxt = model(**inputs)                                 # (B, W), (B, W, n_items)
+        buy2, nxt2 = model(**changed)
+        torch.testing.assert_close(buy[:, :t], buy2[:, :t], rtol=0, atol=1e-6)
+        torch.testing.assert_close(nxt[:, :t], nxt2[:, :t], rtol=0, atol=1e-6)
+        assert not torch.allclose(nxt[:, t:], nxt2[:, t:])
+        if extra.get("repeat") and extra.get("repeat_mode", "mixture") == "mixture":
+            # the mixture is a distribution: log-scores sum to 1 in probability
+            torch.testing.assert_close(torch.logsumexp(nxt, dim=-1), torch.zeros(3, WINDOW), rtol=0, atol=1e-4)
+        state = model.initial_state(3)
+        assert [tuple(s.shape[1:]) for s in state] == list(model.state_shapes().values())
+        for step in range(WINDOW):
+            step_buy, step_next, state = model.step(*(v[:, step] for v in inputs.values()), state)
+            torch.testing.assert_close(step_buy, buy[:, step], rtol=0, atol=1e-5)
+            torch.testing.assert_close(step_next, nxt[:, step], rtol=0, atol=1e-5)
+            if step in (0, 14, WINDOW - 1):
+                length = torch.full((3,), step + 1)
+                outputs = model.score_last(*inputs.values(), length)
+                torch.testing.assert_close(outputs[0], torch.sigmoid(buy[:, step]), rtol=0, atol=1e-5)
+                torch.testing.assert_close(outputs[1], nxt[:, step], rtol=0, atol=1e-5)
+                for a, b in zip(outputs[2:], state):
+                    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        empty = model.score_last(*inputs.values(), torch.zeros(3, dtype=torch.long))[2:]
+        assert all(not s.any() for s in empty)                     # no event: the initial state
+
+
+def test_repeat_head_ranks_a_session_item_above_the_catalogue_when_its_gate_opens():
+    torch.manual_seed(0)
+    model = build_model("gru", dict(tiny_config("gru"), repeat=True)).eval()
+    with torch.no_grad():
+        model.context.gate.bias.fill_(8.0)                         # gate ~1: copy distribution only
+    inputs = random_inputs(1, 5)
+    inputs["item"][0] = torch.tensor([7, 9, 7, 11, 13])
+    with torch.no_grad():
+        _, nxt = model(**inputs)
+    top = set(torch.topk(nxt[0, -1], 4).indices.tolist())
+    assert top == {7, 9, 11, 13}
+
+
+def test_platt_fit_recovers_known_scaling():
+    from training.train import fit_platt
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-(0.5 * z - 1.0)))).astype(float)
+    scale, shift = fit_platt(z, y)
+    assert abs(scale - 0.5) < 0.05 and abs(shift + 1.0) < 0.08
+    assert fit_platt(z, np.zeros_like(z)) is None                # one class: nothing to fit

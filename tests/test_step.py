@@ -206,8 +206,10 @@ def test_a_folder_whose_graphs_disagree_is_refused(trained, tmp_path):
 
     # both metadata agree with each other but not with the graphs
     lying = copy("lying")
-    _rewrite_metadata(lying / STEP_FILE, state_shapes="1x32")
-    _rewrite_metadata(lying / "model.onnx", state_shapes="1x32")
+    shapes = ModelScorer(gru, provider="cpu").session.get_modelmeta().custom_metadata_map["state_shapes"]
+    lied = ",".join(["1x32"] + shapes.split(",")[1:])   # the GRU state first; others (models/context.py) kept
+    _rewrite_metadata(lying / STEP_FILE, state_shapes=lied)
+    _rewrite_metadata(lying / "model.onnx", state_shapes=lied)
     with pytest.raises(ModelError, match=r"state hidden is \(1, 24\), metadata says \(1, 32\)"):
         ModelScorer(lying, provider="cpu")
 

@@ -13,7 +13,8 @@ metadata_props as docs/CONTRACTS.md lists them, plus `dataset`.
 
 Incremental scoring: OUT/model_step.onnx, the step graph, takes one event per session
 (the 9 feature inputs, each (B,)) and the model state (`hidden` (B, layers, H) for the
-GRU; `cache_0..` (B, H, (k-1)*d) per block for the dilated model) and returns the same
+GRU, plus `recent_items`, `totals`, `state_mean` when its heads read the window,
+training/models/context.py; `cache_0..` (B, H, (k-1)*d) per block for the dilated model) and returns the same
 outputs plus the new state (`new_hidden`, `new_cache_0..`). The window graph gains the
 same `new_*` outputs: the state after position length-1, so a session whose state is
 not cached is rebuilt from its window in one batched call. Both graphs carry the
@@ -74,6 +75,10 @@ class LastPositionScorer(nn.Module):
         self.model = model
 
     def forward(self, event_type, item, category, hour, weekday, month, week, dwell, price, length):
+        if hasattr(self.model, "score_last"):   # models whose heads read the window too
+            buy_probability, next_item_scores, *_state = self.model.score_last(
+                event_type, item, category, hour, weekday, month, week, dwell, price, length)
+            return buy_probability, next_item_scores
         hidden = self.model.encode(event_type, item, category, hour, weekday, month, week, dwell, price)  # (B, W, H)
         last = (length - 1).clamp(min=0)                                   # (B,); empty window reads position 0
         index = last.view(-1, 1, 1).expand(-1, 1, hidden.size(2))         # (B, 1, H)
@@ -94,6 +99,9 @@ class WindowStateScorer(nn.Module):
         self.output_names = OUTPUT_NAMES + tuple(new_state_name(n) for n in model.state_names)
 
     def forward(self, event_type, item, category, hour, weekday, month, week, dwell, price, length):
+        if hasattr(self.model, "score_last"):   # (buy (B,), scores (B, n_items), *state)
+            return self.model.score_last(event_type, item, category, hour, weekday, month, week, dwell, price,
+                                         length)
         hidden, state = self.model.encode_with_state(event_type, item, category, hour, weekday, month, week,
                                                      dwell, price, length)              # (B, W, H), states
         last = (length - 1).clamp(min=0)                                   # (B,); empty window reads position 0

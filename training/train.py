@@ -30,6 +30,16 @@ same data (train_log.json's best_epoch); the test split is never used for any ch
 The per-epoch "valid" figures logged in this mode are computed on sessions the model
 trains on, so they are only a training-fit diagnostic, not a held-out score.
 
+Heads that read the window (GRU; models/context.py; --repeat/--wide, on by default):
+the next-item loss is the cross-entropy of the repeat/catalogue mixture plus
+--explore-loss-weight x the cross-entropy of the catalogue logits alone (without it the
+item embeddings learn from the non-repeated targets only and recall lags; see
+docs/experiments-log.md). After training, Platt scaling of the buy logit is fitted on
+the valid prefixes (--calibrate) and stored in the config, so the exported graphs carry
+it; with --fit-on train+valid that fit is in-sample (valid was trained on) and the log
+says so. --select-on picks the epoch by one valid figure (buy_auc for buy deployments:
+the buy AUC peaks epochs before Recall@20 does on labelled YOOCHOOSE).
+
 Class imbalance (--imbalance) acts on the buy head only unless it resamples:
 - weight: BCE pos_weight = negative/positive buy positions in train;
 - undersample: each epoch the buy loss of a random share of non-buying windows is
@@ -103,6 +113,8 @@ PARITY_FILE = "parity_inputs.npz"
 MODEL_INPUTS = INPUT_NAMES[:-1]   # the 9 (B, W) inputs; `length` is the export wrapper's
 PARITY_WINDOWS = 300
 TOP_K = 20
+# --select-on -> the valid figure that picks the epoch (score = mean of buy AUC and R@20)
+SELECT_ON = {"score": "score", "buy_auc": "buy_roc_auc", "recall": "recall@20", "mrr": "mrr@20"}
 FIT_ON = {"train": ("train",), "train+valid": ("train", "valid")}   # --fit-on -> splits trained on
 
 
@@ -124,7 +136,11 @@ def make_config(kind: str, artefacts, args: argparse.Namespace):
     common = dict(n_items=artefacts.n_items, n_categories=artefacts.n_categories,
                   embedding_dim=args.embedding_dim, hidden_dim=args.hidden_dim, dropout=args.dropout,
                   window=artefacts.window)
-    return GRUConfig(**common) if kind == "gru" else DilatedConfig(**common)
+    if kind == "gru":
+        return GRUConfig(**common, repeat=bool(getattr(args, "repeat", False)), wide=bool(getattr(args, "wide", False)),
+                         repeat_mode=getattr(args, "repeat_mode", None) or "mixture",
+                         item_rates=bool(getattr(args, "wide", False)))
+    return DilatedConfig(**common)
 
 
 def bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -144,23 +160,36 @@ def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, 
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
 
 
-def losses(model, batch: dict[str, torch.Tensor], pos_weight: torch.Tensor | None, logit_shift: float = 0.0):
+def losses(model, batch: dict[str, torch.Tensor], pos_weight: torch.Tensor | None, logit_shift: float = 0.0,
+           explore_weight: float = 0.0):
     """(buy loss, next-item loss, buy logits/targets at masked positions, next logits/targets).
 
     The buy loss sees logit + logit_shift: reweighting or resampling multiplies the
     odds the loss is minimised at by a known factor, so shifting by its log during
     training leaves the model's own logit calibrated to the real class balance."""
-    hidden = model.encode(*(batch[name] for name in MODEL_INPUTS))      # (B, W', H)
+    inputs = tuple(batch[name] for name in MODEL_INPUTS)
+    hidden = model.encode(*inputs)                                        # (B, W', H)
     buy_mask = batch["buy_mask"]                                          # (B, W')
     next_mask = batch["next_target"] != IGNORE                            # (B, W')
-    buy_logit = model.heads.buy_logit(hidden[buy_mask])                    # (P,)
+    if hasattr(model, "outputs_masked"):   # heads that also read the window (models/context.py)
+        either = buy_mask | next_mask                                     # (B, W') one pass for both heads
+        aux: dict = {}
+        buy_all, next_all = model.outputs_masked(hidden, inputs, either, aux)   # (R,), (R, n_items)
+        buy_logit, next_logits = buy_all[buy_mask[either]], next_all[next_mask[either]]
+        explore = aux.get("explore")
+    else:
+        explore = None
+        buy_logit = model.heads.buy_logit(hidden[buy_mask])                # (P,)
+        next_logits = model.heads.next_item_logits(hidden[next_mask])      # (Q, n_items)
     buy_target = batch["buy_target"][buy_mask]                             # (P,)
-    next_logits = model.heads.next_item_logits(hidden[next_mask])          # (Q, n_items)
     next_target = batch["next_target"][next_mask]                          # (Q,)
     zero = hidden.sum() * 0.0
     buy_loss = (F.binary_cross_entropy_with_logits(buy_logit + logit_shift, buy_target, pos_weight=pos_weight)
                 if buy_logit.numel() else zero)
     next_loss = F.cross_entropy(next_logits, next_target) if next_logits.numel() else zero
+    if explore_weight and explore is not None and next_logits.numel() and explore is not next_all:
+        # the repeat head's catalogue logits get their own loss (see models/context.py)
+        next_loss = next_loss + explore_weight * F.cross_entropy(explore[next_mask[either]], next_target)
     return buy_loss, next_loss, buy_logit, buy_target, next_logits, next_target
 
 
@@ -201,6 +230,61 @@ def validate(model, examples: Examples, device: torch.device, batch_size: int) -
     parts = [v for v in (result["buy_roc_auc"], result["recall@20"]) if v is not None]
     result["score"] = float(np.mean(parts)) if parts else None
     return result
+
+
+@torch.no_grad()
+def buy_logits(model, examples: Examples, device: torch.device, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(buy logits, targets) at every scored prefix of `examples`, as the model outputs them."""
+    model.eval()
+    order = np.argsort(examples.window_length, kind="stable")
+    logits, targets = [], []
+    for i in range(0, len(order), batch_size):
+        batch = to_tensors(examples.batch(order[i:i + batch_size]), device)
+        _, _, logit, target, _, _ = losses(model, batch, None)
+        logits.append(logit.double().cpu().numpy())
+        targets.append(target.double().cpu().numpy())
+    model.train()
+    return (np.concatenate(logits) if logits else np.zeros(0)), (np.concatenate(targets) if targets else np.zeros(0))
+
+
+def fit_platt(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float] | None:
+    """Platt scaling: (scale, shift) minimising the log loss of sigmoid(scale * logit + shift).
+    None without both classes. Two parameters, so it cannot overfit a few thousand
+    prefixes the way isotonic regression can, and it stays one Mul + Add in the graph."""
+    if len(targets) == 0 or targets.min() == targets.max():
+        return None
+    z = torch.from_numpy(logits)
+    y = torch.from_numpy(targets)
+    params = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([params], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z * params[0] + params[1], y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    scale, shift = (float(v) for v in params.detach())
+    return (scale, shift) if math.isfinite(scale) and math.isfinite(shift) else None
+
+
+def calibrate(model, config, valid_ex: Examples, device: torch.device, batch_size: int) -> dict | None:
+    """Fit Platt scaling on the valid prefixes and store it in `config` (the model reads
+    it there, so the exported graphs carry it). Returns what was fitted and the valid ECE
+    before/after, or None when valid has no buy labels of both classes."""
+    if not hasattr(config, "calibration_scale"):
+        return None
+    config.calibration_scale, config.calibration_shift = 1.0, 0.0
+    logits, targets = buy_logits(model, valid_ex, device, batch_size)
+    fitted = fit_platt(logits, targets)
+    if fitted is None:
+        return None
+    config.calibration_scale, config.calibration_shift = fitted
+    before = metrics.expected_calibration_error(targets, 1 / (1 + np.exp(-logits)))
+    after = metrics.expected_calibration_error(targets, 1 / (1 + np.exp(-(logits * fitted[0] + fitted[1]))))
+    return {"scale": fitted[0], "shift": fitted[1], "valid_ece_before": before, "valid_ece_after": after,
+            "prefixes": int(len(targets)), "positive": int(targets.sum())}
 
 
 def parity_inputs(examples: Examples, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -299,7 +383,8 @@ def train(args: argparse.Namespace) -> dict:
             if buy_off.any():
                 batch["buy_mask"] &= ~buy_off[ids][:, None]
             batch = to_tensors(batch, device)
-            buy_loss, next_loss, *_ = losses(model, batch, pos_weight, logit_shift)
+            buy_loss, next_loss, *_ = losses(model, batch, pos_weight, logit_shift,
+                                             getattr(args, "explore_loss_weight", 0.0) or 0.0)
             loss = args.buy_loss_weight * buy_loss + next_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -322,7 +407,9 @@ def train(args: argparse.Namespace) -> dict:
               f" | valid AUC {_fmt(valid['buy_roc_auc'])} PR-AUC {_fmt(valid['buy_pr_auc'])}"
               f" R@20 {_fmt(valid['recall@20'])} MRR@20 {_fmt(valid['mrr@20'])}"
               f" ({entry['seconds']:.0f} s)", file=sys.stderr)
-        score = valid["score"] if valid["score"] is not None else -entry["train_next_loss"]
+        select = SELECT_ON.get(getattr(args, "select_on", None) or "score", "score")
+        score = valid[select] if valid[select] is not None else (
+            valid["score"] if valid["score"] is not None else -entry["train_next_loss"])
         if not held_out:   # nothing held out: the last epoch is the model
             score = float(epoch)
         if score > best_score:
@@ -336,11 +423,21 @@ def train(args: argparse.Namespace) -> dict:
         if args.max_steps and step >= args.max_steps:
             break
 
+    calibration = None
+    if getattr(args, "calibrate", False):
+        model.load_state_dict(best_state)
+        calibration = calibrate(model, config, valid_ex, device, args.batch_size * 2)
+        if calibration:
+            calibration["fit_on"] = "valid (held out)" if held_out else "valid (also trained on: in-sample)"
+            print(f"calibration (Platt on valid, {calibration['prefixes']:,} prefixes): scale "
+                  f"{calibration['scale']:.4f} shift {calibration['shift']:+.4f}; valid ECE "
+                  f"{calibration['valid_ece_before']:.4f} -> {calibration['valid_ece_after']:.4f}", file=sys.stderr)
     elapsed = time.time() - started
-    log.update(best_epoch=best_epoch, best_valid=best_valid, seconds=round(elapsed, 2), steps=step)
+    log.update(best_epoch=best_epoch, best_valid=best_valid, seconds=round(elapsed, 2), steps=step,
+               calibration=calibration)
     train_info = {
         "args": {k: v for k, v in vars(args).items() if k not in ("command",)},
-        "seed": args.seed, "fit_on": fit_on, "epochs": epochs_run, "best_epoch": best_epoch, "best_valid": best_valid,
+        "seed": args.seed, "fit_on": fit_on, "epochs": epochs_run, "calibration": calibration, "best_epoch": best_epoch, "best_valid": best_valid,
         "dataset": stats.get("dataset"), "data": str(data), "data_stats": stats,
         "vocab_hash": artefacts.vocab_hash, "n_items": artefacts.n_items,
         "train_windows": len(train_ex), "train_sessions": train_ex.n_sessions, "valid_windows": len(valid_ex), "steps": step,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from stream.features import WINDOW
+from training.models.context import SessionContext
 from training.models.embedding import OutputHeads, SessionEmbedding
 
 
@@ -33,6 +34,16 @@ class GRUConfig:
     small_dim: int = 8
     dropout: float = 0.1
     window: int = WINDOW
+    # Off by default so checkpoints written before they existed rebuild unchanged;
+    # `clickscore train` turns them on (see training/models/context.py).
+    repeat: bool = False              # gated copy distribution over the window's items
+    repeat_mode: str = "mixture"      # mixture (RepeatNet gate) or bonus (additive recency bonus)
+    wide: bool = False                # session aggregates + pooled states into the buy head
+    item_rates: bool = False          # wide: learned per-item buy propensity, session mean and max
+    # Platt scaling of the buy logit, fitted on valid after training (train.py) and so
+    # baked into both exported graphs: p = sigmoid(scale * logit + shift).
+    calibration_scale: float = 1.0
+    calibration_shift: float = 0.0
 
     def __post_init__(self):
         assert self.n_items > 2 and self.n_categories >= 3, "vocabularies hold padding/OOV/missing and at least one item"
@@ -41,7 +52,6 @@ class GRUConfig:
 
 class GRUModel(nn.Module):
     kind = "gru"
-    state_names = ("hidden",)
 
     def __init__(self, config: GRUConfig):
         super().__init__()
@@ -52,6 +62,46 @@ class GRUModel(nn.Module):
                           batch_first=True, dropout=config.dropout if config.num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(config.dropout)
         self.heads = OutputHeads(config.hidden_dim, self.embedding)
+        self.context = (SessionContext(config.hidden_dim, self.embedding, config.window, config.repeat, config.wide,
+                                       config.repeat_mode, config.item_rates)
+                        if config.repeat or config.wide else None)
+        self.state_names = ("hidden",) + (SessionContext.state_names if self.context is not None else ())
+
+    def calibrated(self, buy_logit):
+        """Platt scaling fitted on valid (identity until train.py fits it)."""
+        c = self.config
+        if c.calibration_scale == 1.0 and c.calibration_shift == 0.0:
+            return buy_logit
+        return buy_logit * c.calibration_scale + c.calibration_shift
+
+    def outputs_masked(self, hidden, inputs, mask, aux: dict | None = None):
+        """hidden (B, W, H), the 9 inputs (B, W), mask (B, W) -> (buy logit (Q,), next-item
+        scores (Q, n_items)) at the Q positions where mask is true (training, validation)."""
+        if self.context is None:
+            picked = hidden[mask]                                          # (Q, H)
+            return self.calibrated(self.heads.buy_logit(picked)), self.heads.next_item_logits(picked)
+        event_type, item, *_rest, dwell, price = inputs
+        tensors = self.context.window_tensors(hidden, item, event_type, dwell, price)
+        buy_logit, scores = self.context.outputs(self.context.pick(tensors, mask), self.heads, aux)
+        return self.calibrated(buy_logit), scores
+
+    def score_last(self, event_type, item, category, hour, weekday, month, week, dwell, price, length):
+        """The exported window graph: inputs (B, W), length (B,) -> (buy probability (B,),
+        next-item scores (B, n_items), *state after position length-1)."""
+        hidden, state = self.encode_with_state(event_type, item, category, hour, weekday, month, week,
+                                               dwell, price, length)   # (B, W, H)
+        if self.context is None:
+            last = (length - 1).clamp(min=0)
+            final = hidden.gather(1, last.view(-1, 1, 1).expand(-1, 1, hidden.size(2))).squeeze(1)   # (B, H)
+            buy_logit, scores = self.heads.buy_logit(final), self.heads.next_item_logits(final)
+            return torch.sigmoid(self.calibrated(buy_logit)), scores, *state
+        tensors = self.context.window_tensors(hidden, item, event_type, dwell, price)
+        picked = self.context.pick_last(tensors, length)
+        buy_logit, scores = self.context.outputs(picked, self.heads)
+        seen = (length > 0).to(hidden.dtype).view(-1, 1)                   # (B, 1): empty window, zero state
+        context_state = (self.context.recent_after(item, length), picked["totals"] * seen,
+                         picked["state_mean"] * seen)
+        return torch.sigmoid(self.calibrated(buy_logit)), scores, *state, *context_state
 
     def encode(self, event_type, item, category, hour, weekday, month, week, dwell, price):
         """Inputs (B, W) -> per-position state (B, W, hidden_dim)."""
@@ -60,8 +110,11 @@ class GRUModel(nn.Module):
         return self.dropout(hidden)
 
     def forward(self, event_type, item, category, hour, weekday, month, week, dwell, price):
-        hidden = self.encode(event_type, item, category, hour, weekday, month, week, dwell, price)
-        return self.heads(hidden)                 # (B, W), (B, W, n_items)
+        inputs = (event_type, item, category, hour, weekday, month, week, dwell, price)
+        hidden = self.encode(*inputs)             # (B, W, H)
+        everywhere = torch.ones_like(item, dtype=torch.bool)
+        buy_logit, scores = self.outputs_masked(hidden, inputs, everywhere)   # (B*W,), (B*W, n_items)
+        return buy_logit.view(item.shape), scores.view(*item.shape, -1)   # (B, W), (B, W, n_items)
 
     # -- incremental scoring -----------------------------------------------------------
     # The state is a tuple in `state_names` order, batch first: (hidden (B, num_layers, H),).
@@ -69,11 +122,17 @@ class GRUModel(nn.Module):
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-session state shapes (batch dimension left out), in `state_names` order."""
-        return {"hidden": (self.config.num_layers, self.config.hidden_dim)}
+        shapes = {"hidden": (self.config.num_layers, self.config.hidden_dim)}
+        if self.context is not None:
+            shapes.update(self.context.state_shapes(self.config.hidden_dim))
+        return shapes
 
     def initial_state(self, batch_size: int) -> tuple[torch.Tensor]:
         """The state of a session before its first event: zeros, as nn.GRU starts."""
-        return (torch.zeros(batch_size, self.config.num_layers, self.config.hidden_dim),)
+        state = (torch.zeros(batch_size, self.config.num_layers, self.config.hidden_dim),)
+        if self.context is not None:
+            state += self.context.initial_state(batch_size, self.config.hidden_dim)
+        return state
 
     def step(self, event_type, item, category, hour, weekday, month, week, dwell, price, state):
         """One event per session: inputs (B,) each, state -> (buy logit (B,), next-item
@@ -81,10 +140,15 @@ class GRUModel(nn.Module):
         stepped from initial_state() (eval mode: no dropout). The same nn.GRU runs one
         position (one fused GRU node per layer in ONNX, as in the window graph)."""
         x = self.embedding(event_type, item, category, hour, weekday, month, week, dwell, price)  # (B,) each -> (B, E)
-        (hidden,) = state                                                  # (B, L, H)
+        hidden = state[0]                                                  # (B, L, H)
         out, new_hidden = self.gru(x.unsqueeze(1), hidden.transpose(0, 1).contiguous())   # (B, 1, H), (L, B, H)
         out = out.squeeze(1)                                               # (B, H)
-        return self.heads.buy_logit(out), self.heads.next_item_logits(out), (new_hidden.transpose(0, 1),)
+        if self.context is None:
+            return (self.calibrated(self.heads.buy_logit(out)), self.heads.next_item_logits(out),
+                    (new_hidden.transpose(0, 1),))
+        buy_logit, scores, context_state = self.context.step(out, item, event_type, dwell, price, state[1:],
+                                                             self.heads)
+        return self.calibrated(buy_logit), scores, (new_hidden.transpose(0, 1), *context_state)
 
     def encode_with_state(self, event_type, item, category, hour, weekday, month, week, dwell, price,
                           length):
