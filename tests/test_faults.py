@@ -19,7 +19,6 @@ import uuid
 from pathlib import Path
 
 import polars as pl
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # bench/ is not an installed package
@@ -27,7 +26,7 @@ sys.path.insert(0, str(REPO))   # bench/ is not an installed package
 from bench.workerkit import CLICKSCORE, WorkerProcess, offline_scores, produce, read_topic, values  # noqa: E402
 from conftest import free_port  # noqa: E402
 from test_worker import (assert_every_event_scored, assert_matches_offline, by_session,  # noqa: E402
-                         event_dicts, expected_buyer_events, read_accounted, topics)
+                         event_dicts, expected_buyer_events, read_accounted, topics, wait_for_log)
 
 TOP_K = 5
 LONG_TIMEOUT = ["--session-timeout-s", str(100 * 86400)]   # compare with whole-log sessions
@@ -93,16 +92,6 @@ def first_output_ms(records) -> dict[str, int]:
         event_id = json.loads(r.value)["event_id"]
         out[event_id] = min(out.get(event_id, r.timestamp), r.timestamp)
     return out
-
-
-def wait_for_log(worker: WorkerProcess, text: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in worker.log():
-            return
-        assert worker.proc.poll() is None, worker.log()[-3000:]
-        time.sleep(0.2)
-    raise AssertionError(f"{text!r} not in the worker log after {timeout} s:\n{worker.log()[-3000:]}")
 
 
 # -- a. SIGKILL -------------------------------------------------------------------------
