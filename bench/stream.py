@@ -211,8 +211,7 @@ def scrape_cache(port: int) -> dict[str, float]:
 
 def profile_worker(pid: int, seconds: float, work: Path) -> dict:
     """py-spy samples of the worker (all threads); the functions with the most own-time samples."""
-    spy = next((p for p in (Path(sys.executable).parent / "py-spy", REPO.parent / "main" / ".venv" / "bin" / "py-spy")
-                if p.exists()), None)
+    spy = next((p for p in (Path(sys.executable).parent / "py-spy",) if p.exists()), None)
     if spy is None:
         return {"error": "py-spy not found (pip install py-spy)"}
     raw = work / "profile.txt"
