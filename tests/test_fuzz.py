@@ -70,6 +70,11 @@ def test_fuzz_run_finds_no_crash(tmp_path):
                f"-dict={FUZZ / 'events.dict'}", f"-max_total_time={seconds}", "-max_len=20000",
                "-timeout=10",            # an input that takes 10 s is a finding too (libFuzzer: timeout)
                f"-artifact_prefix={tmp_path}/", "-print_final_stats=1"]
+    # Started through a shell that forks it (the `; exit` keeps the shell from exec-ing it):
+    # Linux carries a process's peak resident size across execve, so a fuzzer exec-ed
+    # straight from this pytest process (which may hold 2 GB after the training tests)
+    # would start "using" pytest's peak and stop at once with a false out-of-memory.
+    command = ["/bin/sh", "-c", '"$@"; exit $?', "sh", *command]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 240)
     log = run.stdout + run.stderr
     crashes = sorted(tmp_path.glob("crash-*")) + sorted(tmp_path.glob("timeout-*")) + sorted(tmp_path.glob("oom-*"))

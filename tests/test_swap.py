@@ -178,7 +178,10 @@ def test_worker_swaps_models_under_load_scoring_every_event_exactly_once(broker,
         producer = threading.Thread(target=stream_events)
         producer.start()
         read_topic(broker, t["next_items"], lambda r: len(r) >= len(log) // 4, timeout=120, settle=0)
-        corrupt_copy(second_model, reg / "2")             # lands whole? no: corrupt on purpose
+        # Version 2 lands whole (staged, renamed, as `clickscore export` writes) but corrupt:
+        # copied in place, the poller could also see it half-written and refuse it twice.
+        corrupt_copy(second_model, tmp_path / "corrupt-2")
+        put_version(tmp_path / "corrupt-2", reg, 2)
         time.sleep(1.5)
         put_version(second_model, reg, 3)
         producer.join(timeout=180)
