@@ -133,15 +133,23 @@ def throughput(records) -> float:
     return (len(stamps) - 1) / span if span > 0 else float("nan")
 
 
+def baseline_app(prefix: str, broker: str, web_port: int):
+    """A plain Faust app (raw bytes, the worker's fast group timeouts) for the baseline agents."""
+    import faust
+
+    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    app = faust.App(f"{prefix}-{uuid.uuid4().hex[:8]}", broker=f"kafka://{broker}", autodiscover=False,
+                    web_port=web_port, broker_session_timeout=6.0, broker_heartbeat_interval=1.0,
+                    broker_rebalance_timeout=6.0, consumer_auto_offset_reset="earliest",
+                    worker_redirect_stdouts=False)
+    return app, raw
+
+
 def passthrough_main(broker: str, source: str, sink: str, web_port: int) -> None:
     """A Faust agent that forwards raw events: the floor of Faust's per-event cost."""
     import faust
 
-    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    app = faust.App(f"passthrough-{uuid.uuid4().hex[:8]}", broker=f"kafka://{broker}", autodiscover=False,
-                    web_port=web_port, broker_session_timeout=6.0, broker_heartbeat_interval=1.0,
-                    broker_rebalance_timeout=6.0, consumer_auto_offset_reset="earliest",
-                    worker_redirect_stdouts=False)
+    app, raw = baseline_app("passthrough", broker, web_port)
     source_topic = app.topic(source, **raw)
     sink_topic = app.topic(sink, **raw)
 
@@ -158,11 +166,7 @@ def consume_main(broker: str, source: str, n: int, out_path: str, web_port: int)
     {"events", "seconds"} (first to n-th event, the agent's clock) to out_path."""
     import faust
 
-    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    app = faust.App(f"consume-{uuid.uuid4().hex[:8]}", broker=f"kafka://{broker}", autodiscover=False,
-                    web_port=web_port, broker_session_timeout=6.0, broker_heartbeat_interval=1.0,
-                    broker_rebalance_timeout=6.0, consumer_auto_offset_reset="earliest",
-                    worker_redirect_stdouts=False)
+    app, raw = baseline_app("consume", broker, web_port)
     source_topic = app.topic(source, **raw)
     seen = {"count": 0, "first": 0.0}
 

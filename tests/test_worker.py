@@ -21,6 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # bench/ is not an installed package
 
+from bench.stream import scrape_cache  # noqa: E402
 from bench.workerkit import (CLICKSCORE, WorkerProcess, offline_scores, produce,  # noqa: E402
                              read_topic, values)
 from conftest import free_port  # noqa: E402
@@ -467,18 +468,6 @@ def dilated_dir(tmp_path_factory) -> Path:
     return build_model(tmp_path_factory.mktemp("dilated"), kind="dilated", name="testdilated")
 
 
-def cache_counters(metrics_port: int) -> dict[str, float]:
-    """clickscore_model_cache_* counters of a running worker, from its /metrics."""
-    import urllib.request
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("clickscore_model_cache_") and "_created" not in line:
-            name, value = line.split()[:2]
-            out[name.removeprefix("clickscore_model_cache_").removesuffix("_total")] = float(value)
-    return out
-
-
 def wait_for_log(worker: WorkerProcess, text: str, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -534,12 +523,12 @@ def test_cached_model_state_scores_like_offline_across_rebalances_and_a_restart(
         time.sleep(2.0)                                     # the rebalance after b joined settles
         produce(broker, t["input"], keyed(parts[1]))
         scored_through(2)                                   # b advanced the sessions of its partitions
-        counters_b = cache_counters(ports["b"])
+        counters_b = scrape_cache(ports["b"])
         assert counters_b["hits"] + counters_b["misses"] > 0, "b must have scored part of part 2"
         worker["b"].stop()                                  # a gets them back, its states for them stale
         produce(broker, t["input"], keyed(parts[2]))
         scored_through(3)
-        counters_a = cache_counters(ports["a"])
+        counters_a = scrape_cache(ports["a"])
         worker["a"].stop()                                  # a restart: a new process, an empty cache
         worker["a2"].start()
         produce(broker, t["input"], keyed(parts[3]))
@@ -547,7 +536,7 @@ def test_cached_model_state_scores_like_offline_across_rebalances_and_a_restart(
         want_scored, want_outcomes = expected_buyer_events(log)
         scores = read_topic(broker, t["scores"], lambda r: len({json.loads(x.value)["event_id"] for x in r})
                             >= len((want_scored | want_outcomes) - set(dead)), timeout=60)
-        counters_a2 = cache_counters(ports["a2"])
+        counters_a2 = scrape_cache(ports["a2"])
         assert worker["a2"].proc.poll() is None, worker["a2"].log()[-3000:]
     finally:
         for w in worker.values():
