@@ -331,7 +331,11 @@ def prepare_command(stats: dict, data: str) -> str | None:
     if not stats.get("dataset") or not stats.get("input"):
         return None
     parts = ["clickscore", "prepare", "--dataset", stats["dataset"], "--input", stats["input"], "--out", data]
-    for key in ("test_days", "valid_days", "session_gap_minutes"):
+    if stats.get("split_method") == "random":
+        parts += ["--split", "random"]
+    # Every option prepare records in stats.json, so the rebuild line makes the same split.
+    for key in ("test_days", "valid_days", "session_gap_minutes", "buys", "complete_buys_below",
+                "split_seed", "random_split_share"):
         if stats.get(key) is not None:
             parts += [_flag(key), str(stats[key])]
     return shlex.join(parts)

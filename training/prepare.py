@@ -218,6 +218,8 @@ def prepare(dataset: str, input_path: str | Path, out: str | Path, test_days: fl
             settings["valid_days"] = valid_days     # validation carved from its train part
     if dataset in SESSIONISED:
         settings["session_gap_minutes"] = session_gap_minutes
+    if buys:
+        settings["buys"] = str(buys)         # the model card's rebuild line repeats it
     bar.set_description_str(f"prepare {dataset}: {events.height:,} rows, writing", refresh=False)
     bar.update()
     stats = compute_stats(dataset, events, split, notes, settings)
