@@ -3,6 +3,9 @@
     .venv/bin/python -m bench.stream --events 20000
     .venv/bin/python -m bench.stream --events 20000 --n-items 50000 --no-baselines
     .venv/bin/python -m bench.stream --events 5000 --model onnx_models/default --batch-size 128 --profile 10
+    # A/B of latency settings at a fixed rate, kept apart from the stream figures:
+    .venv/bin/python -m bench.stream --events 600 --latency-rate 200 --no-baselines --no-step \
+        --record-as latency --fetch-max-wait-ms 100 --batch-linger-s 0.01
 
 Starts one embedded broker, then on it:
 1. a real `clickscore worker` (subprocess). `--events` simulated events are produced
@@ -21,8 +24,11 @@ Also recorded: the model-state cache's counters after the saturated run (hits,
 misses, too_long, bytes per session: clickscore_model_cache_*), and the model's cost
 per event, window graph vs step graph, at batch 1/16/256 (bench/step.py measure on
 the served folder, one thread). --latency-rate 0 (the default) paces at half the
-measured saturated rate. --profile S samples the worker with py-spy for S seconds of
-the paced phase and records the functions that hold the most samples (own time).
+measured saturated rate. Where the time goes: the worker's clickscore_stage_seconds
+means, per stage, for the saturated and the paced phase (stages_*_ms: consume and
+batch_fill per event, the rest per micro-batch; see docs/operations.md). --profile S
+samples the worker with py-spy for S seconds of the paced phase and records the
+functions that hold the most samples (own time).
 
 The model: --model, else onnx_models/default when it has a step graph, else an
 untrained GRU of the default model's shapes (GRUConfig: embedding 64, hidden 96) and
@@ -93,6 +99,28 @@ def scrape_histogram(port: int, name: str) -> dict[str, float]:
         for suffix in ("sum", "count"):
             if line.startswith(f"{name}_{suffix} "):
                 out[suffix] = float(line.split()[1])
+    return out
+
+
+def scrape_stages(port: int) -> dict[str, tuple[float, float]]:
+    """clickscore_stage_seconds: stage -> (sum, count)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        m = re.match(r'clickscore_stage_seconds_(sum|count){stage="([^"]+)"} (\S+)', line)
+        if m:
+            out.setdefault(m.group(2), [0.0, 0.0])[0 if m.group(1) == "sum" else 1] = float(m.group(3))
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def stage_summary(before: dict, after: dict) -> dict[str, dict]:
+    """Mean milliseconds per stage between two scrapes (consume and batch_fill: per event;
+    the rest: per micro-batch) and how many observations."""
+    out = {}
+    for stage, (total, count) in after.items():
+        t0, c0 = before.get(stage, (0.0, 0.0))
+        n = count - c0
+        out[stage] = {"mean_ms": round(1000 * (total - t0) / n, 2) if n else None, "n": int(n)}
     return out
 
 
@@ -255,11 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inference-threads", type=int, default=1, help="worker --inference-threads")
     parser.add_argument("--no-baselines", action="store_true", help="skip the Faust consume-only/pass-through runs")
     parser.add_argument("--step-repeats", type=int, default=20, help="timed runs per window/step figure")
+    parser.add_argument("--no-step", action="store_true", help="skip the window-vs-step model cost")
+    parser.add_argument("--record-as", default="stream",
+                        help="results file bench/results/NAME-<date>.json (latency: A/B runs on a loaded machine)")
     parser.add_argument("--profile", type=float, default=0.0, help="py-spy the worker for S s of the paced phase")
     parser.add_argument("--consume-worker", nargs=5, metavar=("BROKER", "SOURCE", "N", "OUT", "PORT"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batch-wait-s", type=float, default=0.01)
+    parser.add_argument("--batch-linger-s", type=float, default=0.01, help="worker --batch-linger-s")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--passthrough-worker", nargs=4, metavar=("BROKER", "SOURCE", "SINK", "PORT"),
                         help=argparse.SUPPRESS)
@@ -298,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         worker = WorkerProcess(broker, model, topics, f"bench-{run}", work / "worker.log", free_port(),
                                ["--metrics-port", str(metrics_port), "--partitions", str(args.partitions),
                                 "--batch-size", str(args.batch_size), "--batch-wait-s", str(args.batch_wait_s),
+                                "--batch-linger-s", str(args.batch_linger_s),
                                 "--model-cache-bytes", str(args.model_cache_bytes), "--log-level", "info",
                                 "--inference-threads", str(args.inference_threads),
                                 *(["--fetch-max-wait-ms", str(args.fetch_max_wait_ms)] if args.fetch_max_wait_ms else [])])
@@ -312,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             scored = read_topic(broker, topics["next_items"], lambda r: len(r) >= len(saturated),
                                 timeout=1800, settle=0)
             lag_after = scrape_histogram(metrics_port, "clickscore_event_loop_lag_seconds")
+            stages_after = scrape_stages(metrics_port)
             provider = model_provider(metrics_port)
             events_per_s = throughput(scored)
             cache = scrape_cache(metrics_port)
@@ -340,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             outputs = read_topic(broker, topics["next_items"],
                                  lambda r: len(r) >= len(saturated) + len(paced), timeout=600, settle=0)
             lag_paced = scrape_histogram(metrics_port, "clickscore_event_loop_lag_seconds")
+            stages_paced = scrape_stages(metrics_port)
             if args.profile:
                 spy.join()
         latencies = np.array([r.timestamp - input_ms[json.loads(r.value)["event_id"]] for r in outputs
@@ -361,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     # Model cost per event, window vs step, on the served folder (one thread, as the worker's
     # inference thread runs it here).
     from bench.step import measure
-    step_costs = measure(model, [1, 16, 256], 1, args.step_repeats, 20)
+    step_costs = None if args.no_step else measure(model, [1, 16, 256], 1, args.step_repeats, 20)
 
     result = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -381,12 +416,15 @@ def main(argv: list[str] | None = None) -> int:
         "profile": profile or None,
         "event_loop_lag_saturated": histogram_summary(lag_before, lag_after),
         "event_loop_lag_paced": histogram_summary(lag_after, lag_paced),
-        "batch_size": args.batch_size, "batch_wait_s": args.batch_wait_s, "partitions": args.partitions,
+        "stages_saturated_ms": stage_summary({}, stages_after),
+        "stages_paced_ms": stage_summary(stages_after, stages_paced),
+        "batch_size": args.batch_size, "batch_wait_s": args.batch_wait_s, "batch_linger_s": args.batch_linger_s,
+        "partitions": args.partitions,
         "fetch_max_wait_ms": args.fetch_max_wait_ms or None, "inference_threads": args.inference_threads,
         "model": model_note, "model_cache_bytes": args.model_cache_bytes, "provider": provider,
         "machine": machine(),
     }
-    append_result("stream", result)
+    append_result(args.record_as, result)
     return 0
 
 

@@ -3,7 +3,8 @@
     clickscore broker &                                   # or --broker at real Kafka
     clickscore worker --model onnx_models/default --web-port 6066 --metrics-port 9464
 
-Data flow, one micro-batch at a time (`stream.noack_take(batch_size, within=batch_wait_s)`);
+Data flow, one micro-batch at a time (`eager_take(stream, batch_size, batch_wait_s, batch_linger_s)`: a batch
+goes once nothing more is waiting and the linger has passed, at most batch_size events);
 the batch logic is plain code in stream/pipeline.py, this module only wires it to Faust:
 
     raw bytes --(pipeline.prepare: events.decode, key check)--> ClickEvent | dead letter
@@ -122,6 +123,8 @@ def ensure_topics(settings: Settings) -> int:
 SEND_ATTEMPTS = 5             # rounds of re-sending outputs whose delivery failed
 SEND_BACKOFF_S = 0.5          # wait after the first failed round, doubled after each
 EXIT_DELIVERY_FAILED = 75     # EX_TEMPFAIL: outputs undeliverable; a restart re-reads uncommitted input
+DRAIN_SPINS = 16              # eager_take: loop turns given to the stream to move fetched events in...
+DRAIN_NAP_S = 0.0005          # ...then this much sleep per check, until its batch_wait_s runs out
 PIPELINE_DEPTH = 2            # batches decoded ahead of the one whose outputs are being sent
 
 
@@ -131,9 +134,84 @@ class InFlight:
     events: Sequence[Any]                 # Faust events, acked after delivery
     records: list                         # pipeline.Record per event
     batch: Any                            # pipeline.Batch
-    scoring: "asyncio.Future"             # -> (pipeline.Scores, inference seconds, ModelTagged that scored it)
+    scoring: "asyncio.Future"             # -> (pipeline.Scores, inference seconds, ModelTagged that scored it,
+                                          #     perf_counter when inference started, when it ended)
     started: float                        # perf_counter when the batch was begun
     evictions: int = 0                    # WorkerState.evictions when it was begun
+
+
+async def eager_take(stream: Any, max_events: int, within_s: float, linger_s: float = 0.0,
+                     consume_stage: Any = None, fill_stage: Any = None):
+    """Micro-batches of a Faust stream's events, unacked (like Faust's noack_take), but a
+    batch goes as soon as nothing more is waiting, not when `within_s` has passed.
+
+    Faust 0.15.3's noack_take waits the whole `within` after every batch, even with one
+    event in hand and nothing behind it, and refuses new events while its caller holds a
+    batch. Here the buffer is handed over (copied, then cleared) as soon as
+    pipeline.batch_ready says so: full; or nothing more fetched (after `linger_s`, 0 by
+    default); or `within_s` spent draining what was fetched. Under load, events pile up
+    while the pipeline is busy, so batches grow by themselves; at a low rate each event
+    goes alone, at once. The buffer keeps filling while the caller works on a batch.
+    `consume_stage`/`fill_stage` (histogram children) get, per event, the time from its
+    Kafka append to the agent and from the agent to its batch's hand-over."""
+    buffer: list = []
+    arrived: list[float] = []                 # perf_counter per buffered event
+    has_events = asyncio.Event()
+    has_room = asyncio.Event()
+    has_room.set()
+    queue = getattr(stream.channel, "queue", None)   # what Faust fetched and the agent has not seen
+
+    def upstream_empty() -> bool:
+        return queue is None or queue.empty()
+
+    async def add_to_buffer(value: Any) -> Any:
+        event = stream.current_event
+        if event is None:
+            raise RuntimeError("eager_take: an event without a current_event")
+        if consume_stage is not None and event.message.timestamp:
+            consume_stage.observe(max(0.0, time.time() - event.message.timestamp))
+        buffer.append(event)
+        arrived.append(time.perf_counter())
+        has_events.set()
+        if len(buffer) >= max_events:
+            # Strict, as Faust's take: never more than max_events in a batch.
+            has_room.clear()
+            await has_room.wait()
+        return value
+
+    stream_enable_acks = stream.enable_acks
+    stream.enable_acks = False                # the caller acks each batch after delivery
+    stream.add_processor(add_to_buffer)
+    stream._enable_passive(aiter(stream.channel))   # private in Faust 0.15.3 (noack_take does the same)
+    try:
+        while not stream.should_stop:
+            if not buffer:
+                has_events.clear()
+                try:
+                    await asyncio.wait_for(has_events.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    continue                  # look at should_stop again
+            first = arrived[0]                # waits count from the batch's first event
+            # Let the stream move what was already fetched into the buffer (its passive
+            # iterator runs between our awaits), bounded by within_s; yield at once the
+            # first times, then briefly sleep, so a stuck upstream does not spin the loop.
+            spins = 0
+            while not pipeline.batch_ready(len(buffer), max_events, upstream_empty(),
+                                           time.perf_counter() - first, within_s, linger_s):
+                spins += 1
+                await asyncio.sleep(0 if spins <= DRAIN_SPINS and not linger_s else DRAIN_NAP_S)
+            batch, times = buffer[:], arrived[:]
+            buffer.clear()
+            arrived.clear()
+            has_room.set()
+            if fill_stage is not None:
+                now = time.perf_counter()
+                for seen in times:
+                    fill_stage.observe(now - seen)
+            yield batch
+    finally:
+        stream.enable_acks = stream_enable_acks
+        stream._processors.remove(add_to_buffer)
 
 
 def _write_in_event_context(event: Any, write, *args) -> None:
@@ -243,6 +321,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
     # Per-session model state for step scoring, owned by the inference thread (stream/model_cache.py).
     state_cache = model_cache.ModelStateCache(settings.model_cache_bytes) if settings.model_cache_bytes else None
     consumed = metrics.EVENTS_CONSUMED.labels(topic=settings.input_topic)
+    stage = {name: metrics.STAGE_SECONDS.labels(stage=name) for name in metrics.STAGES}
     scored = {t: metrics.EVENTS_SCORED.labels(topic=t)
               for t in (settings.scores_topic, settings.next_items_topic)}
     triggers = pipeline.TriggerContext(
@@ -293,6 +372,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         # [window] -> scores, off the event loop. One inference thread scores batches in
         # the order they were begun, so a session's events are scored in order.
         scoring = asyncio.get_running_loop().run_in_executor(executor, timed_score, batch)
+        stage["prepare"].observe(time.perf_counter() - started)
         return InFlight(events, records, batch, scoring, started, worker.evictions)
 
     def whole_batch_failed(records: list, exc: Exception, where: str) -> pipeline.Batch:
@@ -300,7 +380,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         return pipeline.Batch(records, rejected=[pipeline.Rejected(i, "internal_error", detail)
                                                  for i in range(len(records))])
 
-    def timed_score(batch: pipeline.Batch) -> tuple[pipeline.Scores, float, ModelTagged]:
+    def timed_score(batch: pipeline.Batch) -> tuple[pipeline.Scores, float, ModelTagged, float, float]:
         # Inference thread. A checked new model version takes over here, between batches.
         served = source.take()
         t0 = time.perf_counter()
@@ -308,7 +388,8 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
             scores = model_cache.score_cached(served.scorer, state_cache, batch.accepted, settings.top_k)
         else:
             scores = pipeline.score_isolated(served.scorer.score, batch.windows, settings.top_k)
-        return scores, time.perf_counter() - t0, served
+        t1 = time.perf_counter()
+        return scores, t1 - t0, served, t0, t1
 
     async def hold_while_fenced() -> bool:
         """After a freeze past the session timeout our partitions may be another
@@ -333,11 +414,16 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         """Stage 3, on the event loop: outputs of a scored batch, delivered and checked.
         False when the batch was dropped by the fence (not delivered: do not ack)."""
         try:
-            scores, seconds, served = await flight.scoring
+            scores, seconds, served, scoring_began, scoring_ended = await flight.scoring
         except Exception as exc:   # outside score_isolated's guard (which catches the model's own)
             scores, seconds = pipeline.Scores.all_failed(
                 len(flight.batch.accepted), settings.top_k, pipeline.internal_error(exc, "scoring a batch")), 0.0
             served = source.current
+            scoring_began = scoring_ended = time.perf_counter()
+        finishing = time.perf_counter()
+        stage["inference_queue"].observe(max(0.0, scoring_began - flight.started))
+        stage["inference"].observe(seconds)
+        stage["delivery_queue"].observe(max(0.0, finishing - scoring_ended))
         model = pipeline.ModelTag(served.name, served.version)   # the model that scored this batch
         if flight.batch.accepted:
             metrics.INFERENCE_SECONDS.observe(seconds)
@@ -361,7 +447,10 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
             log.warning("dropped a batch of %d events unsent after an eviction (re-read from committed offsets)",
                         len(records))
             return False
+        sending = time.perf_counter()
+        stage["finish"].observe(sending - finishing)
         await pipeline.deliver(send, done.outputs, records, settings.dlq_topic, SEND_ATTEMPTS, SEND_BACKOFF_S)
+        stage["deliver"].observe(time.perf_counter() - sending)
         for out in done.outputs:
             if out.topic in scored:
                 scored[out.topic].inc()
@@ -427,11 +516,12 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
 
     @app.agent(clicks, name="score_clicks")
     async def score_clicks(stream):
-        # noack_take: Faust must not commit a record's offset until every output of the
-        # batch it came in has been delivered, so batches are acked after delivery.
+        # Unacked batches (eager_take): Faust must not commit a record's offset until every
+        # output of the batch it came in has been delivered, so batches are acked after delivery.
         sender = asyncio.ensure_future(deliver_in_order(stream))
         try:
-            async for events in stream.noack_take(settings.batch_size, within=settings.batch_wait_s):
+            async for events in eager_take(stream, settings.batch_size, settings.batch_wait_s,
+                                           settings.batch_linger_s, stage["consume"], stage["batch_fill"]):
                 if await hold_while_fenced():
                     continue   # evicted meanwhile: unacked, re-read from the committed offsets
                 try:

@@ -216,6 +216,7 @@ def _worker(p: argparse.ArgumentParser) -> None:
         "execution_provider", "rules", "session_timeout_ms", "heartbeat_interval_ms",
         "rebalance_timeout_ms", "fetch_max_wait_ms", "log_level", "compression_type"))
     add_settings(p, ("model_cache_bytes", "model_poll_s", "inference_threads"))
+    add_settings(p, ("batch_linger_s",))
 
 
 def _models(p: argparse.ArgumentParser) -> None:

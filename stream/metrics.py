@@ -85,6 +85,18 @@ MODEL_INFO = Gauge(
 EVENT_LOOP_LAG_SECONDS = Histogram(
     "clickscore_event_loop_lag_seconds", "how late the event loop ran a scheduled callback",
     buckets=_LOOP_LAG, registry=REGISTRY)
+# Where an event's latency goes, stage by stage (stream/app.py). `consume` and `batch_fill`
+# are observed per event, the others per micro-batch; their sum is close to
+# clickscore_end_to_end_seconds. docs/operations.md ("Where the latency goes") reads them.
+STAGES = ("consume", "batch_fill", "prepare", "inference_queue", "inference", "delivery_queue",
+          "finish", "deliver")
+STAGE_SECONDS = Histogram(
+    "clickscore_stage_seconds", "time spent per stage: consume (Kafka append to the agent), batch_fill "
+    "(agent to batch begun), prepare (decode and state), inference_queue, inference, delivery_queue "
+    "(scored, waiting for earlier batches' delivery), finish (outputs built), deliver (sent and "
+    "acknowledged by the broker)", ["stage"], buckets=_FAST, registry=REGISTRY)
+for _stage in STAGES:
+    STAGE_SECONDS.labels(stage=_stage)   # export zeros so rate() works from the start
 UNREADABLE_BATCHES = Counter(
     "clickscore_unreadable_batches", "record batches the worker could not decompress (codec "
     "unknown, library missing, corrupt payload); the worker stops on the first", ["topic", "partition", "codec"],

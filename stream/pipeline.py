@@ -102,6 +102,20 @@ class Rejected:
     detail: str
 
 
+def batch_ready(buffered: int, max_events: int, upstream_empty: bool, waited_s: float,
+                within_s: float, linger_s: float = 0.0) -> bool:
+    """Whether a micro-batch goes now (stream/app.py eager_take; `waited_s` counts from
+    its first event): it is full; or events are in hand, nothing more was fetched and
+    `linger_s` has passed (0: at once, so when the input is idle one event goes alone);
+    or `within_s` has passed while fetched events kept coming in. Under load the buffer
+    fills while the pipeline is busy, so batches grow without any wait."""
+    if buffered >= max_events:
+        return True
+    if buffered == 0:
+        return False
+    return (upstream_empty and waited_s >= linger_s) or waited_s >= within_s
+
+
 @dataclass
 class Batch:
     records: Sequence[Record]

@@ -86,6 +86,12 @@ class Settings:
                                type=_positive_int)
     batch_wait_s: float = _setting(0.01, "longest wait to fill a micro-batch, seconds",
                                    type=_non_negative_float)
+    # stream/app.py eager_take. 0 (each batch goes as soon as nothing more is fetched) lost
+    # to 0.01 at 200 events/s (5 ms fetch wait, loaded 2-core machine): p50 85-116 vs 31-64 ms, as
+    # more, smaller batches kept the event loop busier (docs/operations.md).
+    batch_linger_s: float = _setting(0.01, "wait this long after a batch's first event for more, even when "
+                                     "nothing more is fetched, seconds (0: send at once)",
+                                     type=_non_negative_float)
     session_timeout_s: float = _setting(1800.0, "evict sessions idle this long (event time), seconds",
                                         type=_non_negative_float)
     max_message_bytes: int = _setting(16384, "larger input messages are dead-lettered",
@@ -104,7 +110,10 @@ class Settings:
     heartbeat_interval_ms: int = _setting(1000, "consumer heartbeat interval, ms", type=_positive_int)
     rebalance_timeout_ms: int = _setting(10000, "consumer group rebalance timeout, ms", type=_positive_int)
     # Faust hard-codes 1500 ms. The embedded broker holds a fetch for the whole wait even
-    # when records arrive meanwhile, which put ~0.6 s into every event's latency.
+    # when records arrive meanwhile, which put ~0.6 s into every event's latency. 5 ms
+    # cut p50 at 200 events/s by ~25 ms, but at 400/s on a loaded machine (and at half
+    # the maximum on a quiet one with 10 ms) the worker fell behind, and an idle worker
+    # burns 10% of a core polling: 100 stays (docs/operations.md, "Where the latency goes").
     fetch_max_wait_ms: int = _setting(100, "longest time the broker may hold a fetch request, ms",
                                       type=_positive_int)
     log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))

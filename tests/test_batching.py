@@ -1,0 +1,84 @@
+"""Micro-batching without waiting: pipeline.batch_ready (the pure rule) and the worker's
+eager_take on the real broker: an idle worker scores an event as soon as it is fetched,
+not after --batch-wait-s, and reports where the time went (clickscore_stage_seconds)."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+from hypothesis import given, strategies as st
+
+from stream import metrics
+from stream.pipeline import batch_ready
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # bench/ is not an installed package
+
+from bench.workerkit import WorkerProcess, produce, read_topic  # noqa: E402
+from conftest import free_port  # noqa: E402
+
+
+def test_an_event_in_hand_goes_at_once_when_nothing_more_was_fetched():
+    assert batch_ready(1, 256, upstream_empty=True, waited_s=0.0, within_s=10.0)
+
+
+def test_a_linger_holds_a_lone_event_for_company_until_it_has_passed():
+    assert not batch_ready(1, 256, upstream_empty=True, waited_s=0.004, within_s=0.02, linger_s=0.005)
+    assert batch_ready(1, 256, upstream_empty=True, waited_s=0.005, within_s=0.02, linger_s=0.005)
+
+
+def test_fetched_events_join_the_batch_until_the_window_is_spent():
+    assert not batch_ready(5, 256, upstream_empty=False, waited_s=0.001, within_s=0.01)
+    assert batch_ready(5, 256, upstream_empty=False, waited_s=0.01, within_s=0.01)
+
+
+def test_a_full_batch_goes_and_an_empty_one_never_does():
+    assert batch_ready(256, 256, upstream_empty=False, waited_s=0.0, within_s=10.0)
+    assert not batch_ready(0, 256, upstream_empty=True, waited_s=100.0, within_s=0.0)
+
+
+@given(buffered=st.integers(0, 600), max_events=st.integers(1, 512), upstream_empty=st.booleans(),
+       waited_s=st.floats(0, 1), within_s=st.floats(0, 1), linger_s=st.floats(0, 1))
+def test_batch_ready_is_full_or_nonempty_and_not_worth_waiting(buffered, max_events, upstream_empty,
+                                                                waited_s, within_s, linger_s):
+    expected = buffered >= max_events or (buffered > 0 and ((upstream_empty and waited_s >= linger_s)
+                                                             or waited_s >= within_s))
+    assert batch_ready(buffered, max_events, upstream_empty, waited_s, within_s, linger_s) == expected
+    if buffered and upstream_empty and not linger_s:
+        assert batch_ready(buffered, max_events, upstream_empty, waited_s, within_s, linger_s)
+
+
+def stage_counts(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'clickscore_stage_seconds_count{stage="([^"]+)"} (\S+)', text)}
+
+
+def test_an_idle_worker_scores_each_event_without_waiting_for_the_batch_window(broker, model_dir, tmp_path):
+    # Faust's noack_take would hold each lone event for the whole --batch-wait-s (600 s
+    # here); eager_take hands it over as soon as nothing more is waiting.
+    run = uuid.uuid4().hex[:8]
+    t = {name: f"{name}-{run}" for name in ("input", "scores", "next_items", "dlq", "triggers")}
+    metrics_port = free_port()
+    with WorkerProcess(broker, model_dir, t, f"app-{run}", tmp_path / "worker.log", free_port(),
+                       ["--batch-wait-s", "600", "--metrics-port", str(metrics_port)]) as worker:
+        deadline = time.monotonic() + 90
+        while "Worker ready" not in worker.log() and "[^Worker]: Ready" not in worker.log():
+            assert worker.proc.poll() is None and time.monotonic() < deadline, worker.log()[-3000:]
+            time.sleep(0.2)
+        for i in range(3):   # one at a time: each must come out before the next goes in
+            event = {"session_id": f"s{i}", "event_type": "view", "item_id": "1",
+                     "timestamp": 1_700_000_000_000 + i, "event_id": f"e{i}"}
+            produce(broker, t["input"], [(event["session_id"].encode(), json.dumps(event).encode())])
+            outputs = read_topic(broker, t["next_items"], lambda r: len(r) >= i + 1, timeout=60, settle=0)
+            assert [json.loads(r.value)["event_id"] for r in outputs] == [f"e{j}" for j in range(i + 1)]
+        counts = stage_counts(metrics_port)
+        assert worker.proc.poll() is None, worker.log()[-3000:]
+    assert set(counts) == set(metrics.STAGES)
+    assert counts["consume"] == counts["batch_fill"] == 3          # per event
+    assert all(counts[s] == 3 for s in metrics.STAGES)              # one event per batch: per batch too
