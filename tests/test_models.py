@@ -218,6 +218,25 @@ def test_context_heads_are_causal_and_step_exactly(extra):
     with torch.no_grad():   # untrained recency/gate parameters are zeros: make them matter
         for p in model.context.parameters():
             p.add_(0.3 * torch.randn_like(p))
+    assert_causal_and_steps_exactly(model, extra)
+
+
+@pytest.mark.parametrize("extra", [{"repeat": True, "wide": True, "item_rates": True}, {}],
+                         ids=["defaults", "plain"])
+def test_stacked_buy_head_is_causal_and_steps_exactly(extra):
+    """The in-graph LightGBM + blend (training/models/stack.py) on the window heads and on a plain GRU."""
+    from tests.test_stack import stacked_gru
+
+    model = stacked_gru(**extra)
+    if model.context is not None:
+        with torch.no_grad():
+            for p in model.context.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    assert model.state_names[-1] == "stack_window"
+    assert_causal_and_steps_exactly(model, extra)
+
+
+def assert_causal_and_steps_exactly(model, extra):
     model.eval()
     inputs = random_inputs(3, WINDOW)
     inputs["item"][:, 10:20] = inputs["item"][:, :10]          # repeats, so the copy path is used
