@@ -344,20 +344,24 @@ def fit_stack(model, artefacts, train_ex: Examples, valid_ex: Examples, device: 
     if blend is None:
         return None
     stack.blend_gbm, stack.blend_gru, stack.blend_bias = blend
-    model.attach_stack(stack)
     sigmoid = lambda z: 1 / (1 + np.exp(-z))   # noqa: E731
     figures = {}
     for name, logit in (("gbm", gbm_valid), ("gru", gru_valid),
                         ("blend", blend[0] * gbm_valid + blend[1] * gru_valid + blend[2])):
         figures[name] = {"valid_auc": metrics.roc_auc(targets, logit),
                          "valid_ece": metrics.expected_calibration_error(targets, sigmoid(logit))}
+    # Chosen on valid: the stack only where the blend ranks at least as well as the GRU
+    # alone (on a few dozen buying valid sessions the GBM can be noise, e.g. Diginetica).
+    kept = blend[0] > 0 and figures["blend"]["valid_auc"] >= figures["gru"]["valid_auc"]
+    if kept:
+        model.attach_stack(stack)
     gbm_platt = fit_platt(gbm_valid, targets)
     if gbm_platt:   # the GBM alone, Platt-calibrated on valid too: what the blend must beat on ECE
         figures["gbm"]["valid_ece_platt"] = metrics.expected_calibration_error(
             targets, sigmoid(gbm_valid * gbm_platt[0] + gbm_platt[1]))
     return {"gbm_params": params, "gbm_trials": trials, "trees": int(len(stack.roots)), "depth": stack.depth,
             "train_rows": int(len(y_train)), "valid_prefixes": int(len(targets)), "out_of_fold": STACK_FOLDS,
-            "blend": {"gbm": blend[0], "gru": blend[1], "bias": blend[2]}, "valid": figures}
+            "blend": {"gbm": blend[0], "gru": blend[1], "bias": blend[2]}, "valid": figures, "kept": kept}
 
 
 def parity_inputs(examples: Examples, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -509,15 +513,18 @@ def train(args: argparse.Namespace) -> dict:
     if getattr(args, "stack_gbm", False) and args.model == "gru":
         model.load_state_dict(best_state)
         stacked = fit_stack(model, artefacts, train_ex, valid_ex, device, args.batch_size * 2, args.seed)
-        if stacked:
+        if stacked and stacked["kept"]:
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if stacked:
             v = stacked["valid"]
             print(f"stack (LightGBM in the graph, {stacked['trees']} trees, params {stacked['gbm_params']}; "
                   f"blend on valid {stacked['valid_prefixes']:,} prefixes: a {stacked['blend']['gbm']:.3f} gbm + "
                   f"b {stacked['blend']['gru']:.3f} gru {stacked['blend']['bias']:+.3f}): valid AUC gbm "
                   f"{_fmt(v['gbm']['valid_auc'])} gru {_fmt(v['gru']['valid_auc'])} blend {_fmt(v['blend']['valid_auc'])}"
                   f"; ECE gbm {_fmt(v['gbm']['valid_ece'])} gru {_fmt(v['gru']['valid_ece'])} blend "
-                  f"{_fmt(v['blend']['valid_ece'])}", file=sys.stderr)
+                  f"{_fmt(v['blend']['valid_ece'])}; "
+                  + ("kept" if stacked["kept"] else "NOT kept (the blend does not beat the GRU alone on valid)"),
+                  file=sys.stderr)
     elapsed = time.time() - started
     log.update(best_epoch=best_epoch, best_valid=best_valid, seconds=round(elapsed, 2), steps=step,
                calibration=calibration, stack=stacked)
