@@ -126,6 +126,10 @@ def _train(p: argparse.ArgumentParser) -> None:
                    help="gru: session aggregates and pooled states beside the last state in the buy head")
     add_env_option(p, "--calibrate", "CLICKSCORE_TRAIN_CALIBRATE", type=_bool, nargs="?", const=True,
                    default=True, help="fit Platt scaling of the buy head on valid and bake it into the model")
+    add_env_option(p, "--stack-gbm", "CLICKSCORE_TRAIN_STACK_GBM", type=_bool, nargs="?", const=True,
+                   default=True, help="gru: after training, fit the aggregate LightGBM on in-graph session "
+                   "features (train, tuned on valid) and blend it with the buy logit on valid, inside the "
+                   "exported graphs (training/models/stack.py); false = the GRU's own buy head")
 
 
 def _tune(p: argparse.ArgumentParser) -> None:

@@ -218,6 +218,52 @@ def test_context_heads_are_causal_and_step_exactly(extra):
     with torch.no_grad():   # untrained recency/gate parameters are zeros: make them matter
         for p in model.context.parameters():
             p.add_(0.3 * torch.randn_like(p))
+    assert_causal_and_steps_exactly(model, extra)
+
+
+@pytest.mark.parametrize("extra", [{"repeat": True, "wide": True, "item_rates": True}, {}],
+                         ids=["defaults", "plain"])
+def test_stacked_buy_head_is_causal_and_steps_exactly(extra):
+    """The in-graph LightGBM + blend (training/models/stack.py) on the window heads and on a plain GRU."""
+    from tests.test_stack import stacked_gru
+
+    model = stacked_gru(**extra)
+    if model.context is not None:
+        with torch.no_grad():
+            for p in model.context.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    assert model.state_names[-1] == "stack_window"
+    assert_causal_and_steps_exactly(model, extra)
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["gru", "stacked"])
+def test_window_heads_give_the_same_outputs_trimmed_or_padded(stacked):
+    """Training trims a batch to its longest window; serving pads to W. The outputs at the
+    real positions must not depend on which (the running maxima were once unfloored at
+    the last position of a trimmed batch: learned propensities and normalised dwell can be
+    negative)."""
+    from tests.test_stack import stacked_gru
+
+    extra = {"repeat": True, "wide": True, "item_rates": True}
+    model = stacked_gru(**extra) if stacked else build_model("gru", dict(tiny_config("gru"), **extra))
+    with torch.no_grad():
+        for p in model.context.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        model.context.item_buy.weight[1:].sub_(1.0)                  # negative propensities
+    model.eval()
+    L = 17
+    inputs = random_inputs(3, WINDOW)
+    padded = {k: v.clone() for k, v in inputs.items()}
+    for v in padded.values():
+        v[:, L:] = 0
+    with torch.no_grad():
+        buy_full, next_full = model(**padded)
+        buy_trim, next_trim = model(**{k: v[:, :L] for k, v in inputs.items()})
+    torch.testing.assert_close(buy_trim, buy_full[:, :L], rtol=0, atol=1e-5)
+    torch.testing.assert_close(next_trim, next_full[:, :L], rtol=0, atol=1e-5)
+
+
+def assert_causal_and_steps_exactly(model, extra):
     model.eval()
     inputs = random_inputs(3, WINDOW)
     inputs["item"][:, 10:20] = inputs["item"][:, :10]          # repeats, so the copy path is used

@@ -490,6 +490,9 @@ def test_cached_model_state_scores_like_offline_across_rebalances_and_a_restart(
 
     model = model_dir if kind == "gru" else dilated_dir
     scorer = ModelScorer(model, provider="cpu")
+    # the GRU made with the training defaults carries the stacked LightGBM buy head and
+    # its window state (training/models/stack.py): its stepping is what is checked here
+    assert ("stack_window" in scorer.state_shapes) == (kind == "gru"), scorer.state_shapes
     t = topics()
     sim_path = tmp_path / "sim.parquet"
     subprocess.run([CLICKSCORE, "simulate", "--sessions", "200", "--seed", "13", "--buy-share", "0.2",

@@ -233,10 +233,12 @@ def validate(model, examples: Examples, device: torch.device, batch_size: int) -
 
 
 @torch.no_grad()
-def buy_logits(model, examples: Examples, device: torch.device, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(buy logits, targets) at every scored prefix of `examples`, as the model outputs them."""
+def buy_logits(model, examples: Examples, device: torch.device, batch_size: int,
+               ordered: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(buy logits, targets) at every scored prefix of `examples`, as the model outputs them;
+    `ordered`: in window order (as stack.examples_features), not batched by length."""
     model.eval()
-    order = np.argsort(examples.window_length, kind="stable")
+    order = np.arange(len(examples)) if ordered else np.argsort(examples.window_length, kind="stable")
     logits, targets = [], []
     for i in range(0, len(order), batch_size):
         batch = to_tensors(examples.batch(order[i:i + batch_size]), device)
@@ -285,6 +287,81 @@ def calibrate(model, config, valid_ex: Examples, device: torch.device, batch_siz
     after = metrics.expected_calibration_error(targets, 1 / (1 + np.exp(-(logits * fitted[0] + fitted[1]))))
     return {"scale": fitted[0], "shift": fitted[1], "valid_ece_before": before, "valid_ece_after": after,
             "prefixes": int(len(targets)), "positive": int(targets.sum())}
+
+
+def fit_blend(gbm_logit: np.ndarray, gru_logit: np.ndarray, targets: np.ndarray) -> tuple[float, float, float] | None:
+    """Logistic regression of the label on the two logits (unregularised, log loss): the
+    blend (a, b, c) of p = sigmoid(a * gbm + b * gru + c), calibrated by construction
+    (Platt on two inputs). None without both classes."""
+    if len(targets) == 0 or targets.min() == targets.max():
+        return None
+    x = torch.from_numpy(np.stack([gbm_logit, gru_logit], axis=1).astype(np.float64))
+    y = torch.from_numpy(targets.astype(np.float64))
+    params = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([params], lr=0.5, max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x @ params[:2] + params[2], y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    a, b, c = (float(v) for v in params.detach())
+    return (a, b, c) if all(math.isfinite(v) for v in (a, b, c)) else None
+
+
+STACK_FOLDS = 5
+
+
+def fit_stack(model, artefacts, train_ex: Examples, valid_ex: Examples, device: torch.device, batch_size: int,
+              seed: int, tune: bool = True) -> dict | None:
+    """After training: the aggregate LightGBM on the in-graph features (training/models/stack.py)
+    of the TRAIN windows (out-of-fold item tables), its parameters tuned on valid
+    (baselines.tune_gbm), then the blend with the GRU's buy logit fitted on the VALID prefixes
+    (fit_blend) and the whole attached to the model (so both exported graphs carry it).
+    Returns the valid figures of GBM alone, GRU alone and the blend, or None (no buy labels)."""
+    from training.baselines import GBM_DEFAULTS, AggregateBuyModel, tune_gbm
+    from training.models.stack import BuyStack, example_events, examples_features, item_tables, norm_of
+
+    model.attach_stack(None)
+    norm = norm_of(artefacts)
+    session, item, buys = example_events(train_ex)
+    oof_pop, oof_rate, fold = item_tables(session, item, buys, artefacts.n_items, folds=STACK_FOLDS, seed=seed)
+    pop, rate, _ = item_tables(session, item, buys, artefacts.n_items)
+    x_train, y_train = examples_features(train_ex, oof_pop, oof_rate, norm, fold)
+    x_valid, y_valid = examples_features(valid_ex, pop, rate, norm)
+    if not len(y_train) or y_train.min() == y_train.max() or not len(y_valid) or y_valid.min() == y_valid.max():
+        return None
+    params, trials = tune_gbm(x_train, y_train, x_valid, y_valid, seed=seed) if tune else (dict(GBM_DEFAULTS), [])
+    gbm = AggregateBuyModel("gbm", seed=seed, params=params).fit(x_train, y_train)
+    assert gbm.used.all(), "in-graph features are never NaN"
+    stack = BuyStack.from_lightgbm(gbm.model, pop[0], rate[0], norm)
+    gbm_valid = stack.gbm_logit(torch.from_numpy(x_valid)).numpy()
+    gru_valid, targets = buy_logits(model, valid_ex, device, batch_size, ordered=True)   # calibrated GRU logit
+    assert np.array_equal(targets, y_valid), "the GBM and the GRU read the same valid prefixes"
+    blend = fit_blend(gbm_valid, gru_valid, targets)
+    if blend is None:
+        return None
+    stack.blend_gbm, stack.blend_gru, stack.blend_bias = blend
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))   # noqa: E731
+    figures = {}
+    for name, logit in (("gbm", gbm_valid), ("gru", gru_valid),
+                        ("blend", blend[0] * gbm_valid + blend[1] * gru_valid + blend[2])):
+        figures[name] = {"valid_auc": metrics.roc_auc(targets, logit),
+                         "valid_ece": metrics.expected_calibration_error(targets, sigmoid(logit))}
+    # Chosen on valid: the stack only where the blend ranks at least as well as the GRU
+    # alone (on a few dozen buying valid sessions the GBM can be noise, e.g. Diginetica).
+    kept = blend[0] > 0 and figures["blend"]["valid_auc"] >= figures["gru"]["valid_auc"]
+    if kept:
+        model.attach_stack(stack)
+    gbm_platt = fit_platt(gbm_valid, targets)
+    if gbm_platt:   # the GBM alone, Platt-calibrated on valid too: what the blend must beat on ECE
+        figures["gbm"]["valid_ece_platt"] = metrics.expected_calibration_error(
+            targets, sigmoid(gbm_valid * gbm_platt[0] + gbm_platt[1]))
+    return {"gbm_params": params, "gbm_trials": trials, "trees": int(len(stack.roots)), "depth": stack.depth,
+            "train_rows": int(len(y_train)), "valid_prefixes": int(len(targets)), "out_of_fold": STACK_FOLDS,
+            "blend": {"gbm": blend[0], "gru": blend[1], "bias": blend[2]}, "valid": figures, "kept": kept}
 
 
 def parity_inputs(examples: Examples, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -432,12 +509,28 @@ def train(args: argparse.Namespace) -> dict:
             print(f"calibration (Platt on valid, {calibration['prefixes']:,} prefixes): scale "
                   f"{calibration['scale']:.4f} shift {calibration['shift']:+.4f}; valid ECE "
                   f"{calibration['valid_ece_before']:.4f} -> {calibration['valid_ece_after']:.4f}", file=sys.stderr)
+    stacked = None
+    if getattr(args, "stack_gbm", False) and args.model == "gru":
+        model.load_state_dict(best_state)
+        stacked = fit_stack(model, artefacts, train_ex, valid_ex, device, args.batch_size * 2, args.seed)
+        if stacked and stacked["kept"]:
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if stacked:
+            v = stacked["valid"]
+            print(f"stack (LightGBM in the graph, {stacked['trees']} trees, params {stacked['gbm_params']}; "
+                  f"blend on valid {stacked['valid_prefixes']:,} prefixes: a {stacked['blend']['gbm']:.3f} gbm + "
+                  f"b {stacked['blend']['gru']:.3f} gru {stacked['blend']['bias']:+.3f}): valid AUC gbm "
+                  f"{_fmt(v['gbm']['valid_auc'])} gru {_fmt(v['gru']['valid_auc'])} blend {_fmt(v['blend']['valid_auc'])}"
+                  f"; ECE gbm {_fmt(v['gbm']['valid_ece'])} gru {_fmt(v['gru']['valid_ece'])} blend "
+                  f"{_fmt(v['blend']['valid_ece'])}; "
+                  + ("kept" if stacked["kept"] else "NOT kept (the blend does not beat the GRU alone on valid)"),
+                  file=sys.stderr)
     elapsed = time.time() - started
     log.update(best_epoch=best_epoch, best_valid=best_valid, seconds=round(elapsed, 2), steps=step,
-               calibration=calibration)
+               calibration=calibration, stack=stacked)
     train_info = {
         "args": {k: v for k, v in vars(args).items() if k not in ("command",)},
-        "seed": args.seed, "fit_on": fit_on, "epochs": epochs_run, "calibration": calibration, "best_epoch": best_epoch, "best_valid": best_valid,
+        "seed": args.seed, "fit_on": fit_on, "epochs": epochs_run, "calibration": calibration, "stack": stacked, "best_epoch": best_epoch, "best_valid": best_valid,
         "dataset": stats.get("dataset"), "data": str(data), "data_stats": stats,
         "vocab_hash": artefacts.vocab_hash, "n_items": artefacts.n_items,
         "train_windows": len(train_ex), "train_sessions": train_ex.n_sessions, "valid_windows": len(valid_ex), "steps": step,

@@ -123,7 +123,10 @@ class SessionContext(nn.Module):
         n = (pos + 1).to(hidden.dtype).view(1, W, 1)                          # events up to t
         means = torch.cumsum(values, dim=1) / n                               # (B, W, 3)
         upto = (pos.view(W, 1) >= pos.view(1, W)).view(1, W, W, 1)           # s <= t
-        maxima = torch.where(upto, values.unsqueeze(1), torch.zeros_like(values).unsqueeze(1)).amax(dim=2)   # (B, W_t, 3)
+        # floored at 0 like the step graph (its zero initial state): without the clamp a batch
+        # trimmed to its longest window left that window's last position unfloored (a training/serving skew)
+        maxima = torch.where(upto, values.unsqueeze(1), torch.zeros_like(values).unsqueeze(1)).amax(dim=2)
+        maxima = maxima.clamp(min=0.0)                                        # (B, W_t, 3)
         out["totals"] = torch.cat([counts, means, maxima], dim=-1)            # (B, W, N_TOTALS)
         out["state_mean"] = torch.cumsum(hidden, dim=1) / n                   # (B, W, H)
         return out

@@ -22,6 +22,7 @@ from torch import nn
 from stream.features import WINDOW
 from training.models.context import SessionContext
 from training.models.embedding import OutputHeads, SessionEmbedding
+from training.models.stack import WINDOW_CHANNELS, BuyStack, Norm
 
 
 @dataclass
@@ -44,6 +45,13 @@ class GRUConfig:
     # baked into both exported graphs: p = sigmoid(scale * logit + shift).
     calibration_scale: float = 1.0
     calibration_shift: float = 0.0
+    # The stacked buy head (training/models/stack.py): the aggregate LightGBM in the graph,
+    # fitted after training (train.fit_stack); 0 trees = off. Sizes rebuild the buffers.
+    stack_trees: int = 0
+    stack_nodes: int = 0
+    stack_depth: int = 0
+    stack_norm: tuple = (0.0, 1.0, 0.0, 1.0)          # dwell mean/std, price mean/std (features.json)
+    stack_blend: tuple = (1.0, 0.0, 0.0)              # buy logit = a * gbm + b * calibrated gru + c
 
     def __post_init__(self):
         assert self.n_items > 2 and self.n_categories >= 3, "vocabularies hold padding/OOV/missing and at least one item"
@@ -66,6 +74,38 @@ class GRUModel(nn.Module):
                                        config.repeat_mode, config.item_rates)
                         if config.repeat or config.wide else None)
         self.state_names = ("hidden",) + (SessionContext.state_names if self.context is not None else ())
+        self.stack = None
+        if config.stack_trees:
+            self.attach_stack(BuyStack(config.n_items, config.stack_nodes, config.stack_trees, config.stack_depth,
+                                       Norm(*config.stack_norm), tuple(config.stack_blend)))
+
+    def attach_stack(self, stack: BuyStack | None):
+        """Put (or, None, take off) the stacked buy head; the config records its sizes and
+        blend so a checkpoint rebuilds it."""
+        c = self.config
+        self.stack = stack
+        base = ("hidden",) + (SessionContext.state_names if self.context is not None else ())
+        if stack is None:
+            c.stack_trees = c.stack_nodes = c.stack_depth = 0
+            self.state_names = base
+            return
+        c.stack_trees, c.stack_nodes, c.stack_depth = len(stack.roots), len(stack.feature), stack.depth
+        n = stack.norm
+        c.stack_norm = (n.dwell_mean, n.dwell_std, n.price_mean, n.price_std)
+        c.stack_blend = (stack.blend_gbm, stack.blend_gru, stack.blend_bias)
+        self.state_names = base + ("stack_window",)
+
+    def buy_output(self, gru_logit, features=None):
+        """The GRU's buy logit (calibrated), blended with the in-graph GBM when stacked."""
+        logit = self.calibrated(gru_logit)
+        if self.stack is None:
+            return logit
+        return self.stack.blend(self.stack.gbm_logit(features), logit)
+
+    @staticmethod
+    def _stack_inputs(inputs):
+        event_type, item, category, hour, weekday, _month, _week, dwell, price = inputs
+        return event_type, item, category, hour, weekday, dwell, price
 
     def calibrated(self, buy_logit):
         """Platt scaling fitted on valid (identity until train.py fits it)."""
@@ -77,31 +117,40 @@ class GRUModel(nn.Module):
     def outputs_masked(self, hidden, inputs, mask, aux: dict | None = None):
         """hidden (B, W, H), the 9 inputs (B, W), mask (B, W) -> (buy logit (Q,), next-item
         scores (Q, n_items)) at the Q positions where mask is true (training, validation)."""
+        features = (self.stack.features(*self._stack_inputs(inputs))[mask]     # (Q, F)
+                    if self.stack is not None else None)
         if self.context is None:
             picked = hidden[mask]                                          # (Q, H)
-            return self.calibrated(self.heads.buy_logit(picked)), self.heads.next_item_logits(picked)
+            return self.buy_output(self.heads.buy_logit(picked), features), self.heads.next_item_logits(picked)
         event_type, item, *_rest, dwell, price = inputs
         tensors = self.context.window_tensors(hidden, item, event_type, dwell, price)
         buy_logit, scores = self.context.outputs(self.context.pick(tensors, mask), self.heads, aux)
-        return self.calibrated(buy_logit), scores
+        return self.buy_output(buy_logit, features), scores
 
     def score_last(self, event_type, item, category, hour, weekday, month, week, dwell, price, length):
         """The exported window graph: inputs (B, W), length (B,) -> (buy probability (B,),
         next-item scores (B, n_items), *state after position length-1)."""
         hidden, state = self.encode_with_state(event_type, item, category, hour, weekday, month, week,
                                                dwell, price, length)   # (B, W, H)
+        last = (length - 1).clamp(min=0)
+        features, stack_state = None, ()
+        if self.stack is not None:
+            stack_inputs = (event_type, item, category, hour, weekday, dwell, price)
+            every = self.stack.features(*stack_inputs)                     # (B, W, F)
+            features = every.gather(1, last.view(-1, 1, 1).expand(-1, 1, every.size(2))).squeeze(1)   # (B, F)
+            stack_state = (BuyStack.window_after(stack_inputs, length, self.config.window),)
         if self.context is None:
-            last = (length - 1).clamp(min=0)
             final = hidden.gather(1, last.view(-1, 1, 1).expand(-1, 1, hidden.size(2))).squeeze(1)   # (B, H)
             buy_logit, scores = self.heads.buy_logit(final), self.heads.next_item_logits(final)
-            return torch.sigmoid(self.calibrated(buy_logit)), scores, *state
+            return torch.sigmoid(self.buy_output(buy_logit, features)), scores, *state, *stack_state
         tensors = self.context.window_tensors(hidden, item, event_type, dwell, price)
         picked = self.context.pick_last(tensors, length)
         buy_logit, scores = self.context.outputs(picked, self.heads)
         seen = (length > 0).to(hidden.dtype).view(-1, 1)                   # (B, 1): empty window, zero state
         context_state = (self.context.recent_after(item, length), picked["totals"] * seen,
                          picked["state_mean"] * seen)
-        return torch.sigmoid(self.calibrated(buy_logit)), scores, *state, *context_state
+        return (torch.sigmoid(self.buy_output(buy_logit, features)), scores, *state, *context_state,
+                *stack_state)
 
     def encode(self, event_type, item, category, hour, weekday, month, week, dwell, price):
         """Inputs (B, W) -> per-position state (B, W, hidden_dim)."""
@@ -125,6 +174,8 @@ class GRUModel(nn.Module):
         shapes = {"hidden": (self.config.num_layers, self.config.hidden_dim)}
         if self.context is not None:
             shapes.update(self.context.state_shapes(self.config.hidden_dim))
+        if self.stack is not None:
+            shapes["stack_window"] = (self.config.window, len(WINDOW_CHANNELS))
         return shapes
 
     def initial_state(self, batch_size: int) -> tuple[torch.Tensor]:
@@ -132,6 +183,8 @@ class GRUModel(nn.Module):
         state = (torch.zeros(batch_size, self.config.num_layers, self.config.hidden_dim),)
         if self.context is not None:
             state += self.context.initial_state(batch_size, self.config.hidden_dim)
+        if self.stack is not None:
+            state += (torch.zeros(batch_size, self.config.window, len(WINDOW_CHANNELS)),)
         return state
 
     def step(self, event_type, item, category, hour, weekday, month, week, dwell, price, state):
@@ -143,12 +196,17 @@ class GRUModel(nn.Module):
         hidden = state[0]                                                  # (B, L, H)
         out, new_hidden = self.gru(x.unsqueeze(1), hidden.transpose(0, 1).contiguous())   # (B, 1, H), (L, B, H)
         out = out.squeeze(1)                                               # (B, H)
+        features, stack_state = None, ()
+        if self.stack is not None:   # its window is the last state
+            features, window = self.stack.step(event_type, item, category, hour, weekday, dwell, price, state[-1])
+            stack_state, state = (window,), state[:-1]
         if self.context is None:
-            return (self.calibrated(self.heads.buy_logit(out)), self.heads.next_item_logits(out),
-                    (new_hidden.transpose(0, 1),))
+            return (self.buy_output(self.heads.buy_logit(out), features), self.heads.next_item_logits(out),
+                    (new_hidden.transpose(0, 1), *stack_state))
         buy_logit, scores, context_state = self.context.step(out, item, event_type, dwell, price, state[1:],
                                                              self.heads)
-        return self.calibrated(buy_logit), scores, (new_hidden.transpose(0, 1), *context_state)
+        return (self.buy_output(buy_logit, features), scores,
+                (new_hidden.transpose(0, 1), *context_state, *stack_state))
 
     def encode_with_state(self, event_type, item, category, hour, weekday, month, week, dwell, price,
                           length):
