@@ -74,7 +74,9 @@ def _train(p: argparse.ArgumentParser) -> None:
     add_env_option(p, "--model", "CLICKSCORE_TRAIN_MODEL", choices=("gru", "dilated"), default="gru",
                    help="model family")
     add_env_option(p, "--out", "CLICKSCORE_TRAIN_OUT", required=True, help="checkpoint folder")
-    add_env_option(p, "--epochs", "CLICKSCORE_TRAIN_EPOCHS", type=int, default=40, help="most epochs")
+    add_env_option(p, "--epochs", "CLICKSCORE_TRAIN_EPOCHS", type=int, default=None,
+                   help="most epochs (default 40, early stopping on valid); with --fit-on train+valid: "
+                        "exactly N (default: picked by an early-stopped --fit-on train run first)")
     add_env_option(p, "--batch-size", "CLICKSCORE_TRAIN_BATCH_SIZE", type=int, default=64,
                    help="windows per step")
     add_env_option(p, "--lr", "CLICKSCORE_TRAIN_LR", type=float, default=1e-3, help="AdamW learning rate")
@@ -106,8 +108,8 @@ def _train(p: argparse.ArgumentParser) -> None:
                    help="items seen fewer times in train map to out-of-vocabulary")
     add_env_option(p, "--fit-on", "CLICKSCORE_TRAIN_FIT_ON", choices=("train", "train+valid"), default="train",
                    help="splits to fit vocabularies and weights on; train+valid (like the baselines) has "
-                        "no held-out data: no early stopping, exactly --epochs epochs, so take --epochs "
-                        "from the best epoch of an early-stopped --fit-on train run")
+                        "no held-out data: it first runs --fit-on train into OUT/held-out to pick the epoch "
+                        "count, calibration and blend on valid, then refits (or give --epochs N)")
     add_env_option(p, "--max-valid-windows", "CLICKSCORE_TRAIN_MAX_VALID_WINDOWS", type=int, default=20000,
                    help="validate on at most this many windows (a fixed random subset)")
     from stream.settings import _bool

@@ -81,3 +81,45 @@ def test_fit_on_flag_and_env(monkeypatch, tmp_path):
     assert build_parser().parse_args(["train", "--data", "d", "--out", "o"]).fit_on == "train+valid"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--data", "d", "--out", "o", "--fit-on", "test"])
+
+
+def _buy_data(tmp_path):
+    """Train and valid sessions with and without a transaction, so calibration has both classes."""
+    t0 = 1_700_000_000
+    sessions, split = {}, {}
+    for i in range(24):
+        name = f"s{i}"
+        events = [("view", f"i{i % 5}", "x", 1.0 + i % 3, t0 + 1000 * i + 10 * j) for j in range(3)]
+        if i % 3 == 0:
+            events.append(("transaction", f"i{i % 5}", "x", 1.0, t0 + 1000 * i + 40))
+        sessions[name] = events
+        split[name] = "train" if i < 14 else ("valid" if i < 20 else "test")
+    write_prepared(tmp_path / "b", sessions, split)
+    return tmp_path / "b"
+
+
+def test_fit_on_train_plus_valid_without_epochs_picks_them_on_a_held_out_run_first(tmp_path):
+    data = _buy_data(tmp_path)
+    out = tmp_path / "tv"
+    info = train(_args(data, out, "--fit-on", "train+valid", "--patience", "2", "--stack-gbm", "false"))
+    held_log = json.loads((out / "held-out" / "train_log.json").read_text())
+    held_info = torch.load(out / "held-out" / "checkpoint.pt", weights_only=False)["train"]
+    assert held_info["fit_on"] == "train" and held_log["best_epoch"] >= 1
+    # stage 2 trains exactly the held-out run's best epoch count on both splits
+    assert info["fit_on"] == "train+valid" and info["epochs"] == held_log["best_epoch"]
+    assert info["train_sessions"] == 20 and held_info["train_sessions"] == 14
+    assert info["held_out_run"]["best_epoch"] == held_log["best_epoch"]
+    # the calibration is the held-out run's (fitted on valid while valid was held out), not refitted
+    assert held_info["calibration"] is not None
+    assert info["calibration"]["scale"] == held_info["calibration"]["scale"]
+    assert info["calibration"]["shift"] == held_info["calibration"]["shift"]
+    assert "held-out run" in info["calibration"]["fit_on"]
+    config = torch.load(out / "checkpoint.pt", weights_only=False)["config"]
+    assert config["calibration_scale"] == held_info["calibration"]["scale"]
+    # the recorded command is the user's (no --epochs): the model card's rebuild line reruns both stages
+    assert info["args"]["epochs"] is None and info["args"]["fit_on"] == "train+valid"
+
+
+def test_epochs_below_one_is_refused(tmp_path):
+    with pytest.raises(ClickscoreError, match="--epochs must be >= 1"):
+        train(_args(_data(tmp_path), tmp_path / "x", "--epochs", "0"))

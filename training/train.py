@@ -23,12 +23,15 @@ the marketing triggers and the recommendations use.
 Fitting on train+valid (--fit-on train+valid): the vocabularies/statistics and the
 training windows come from the train and valid splits together, the data the
 baselines in training/baselines.py are fitted on by default (session-rec's train_full
-on yoochoose). Nothing is held out, so there is no early stopping: exactly --epochs
-epochs are trained (--patience is ignored) and the last epoch is kept. Take --epochs
-from the best epoch of an early-stopped run with the default --fit-on train on the
-same data (train_log.json's best_epoch); the test split is never used for any choice.
-The per-epoch "valid" figures logged in this mode are computed on sessions the model
-trains on, so they are only a training-fit diagnostic, not a held-out score.
+on yoochoose). Nothing is held out, so there is no early stopping. Without --epochs the
+command picks its own epoch count (train_refit): it first runs the same training with
+--fit-on train into OUT/held-out (early stopping, calibration, stack and neighbour mix
+fitted on valid), then refits on train+valid for that run's best epoch count, reusing
+its valid-fitted choices. With --epochs N exactly N epochs are trained (--patience is
+ignored), the last is kept, and the valid-fitted steps are fitted in-sample (logged as
+such). The test split is never used for any choice. The per-epoch "valid" figures
+logged in this mode are computed on sessions the model trains on, so they are only a
+training-fit diagnostic, not a held-out score.
 
 Heads that read the window (GRU; models/context.py; --repeat/--wide, on by default):
 the next-item loss is the cross-entropy of the repeat/catalogue mixture plus
@@ -116,6 +119,8 @@ TOP_K = 20
 # --select-on -> the valid figure that picks the epoch (score = mean of buy AUC and R@20)
 SELECT_ON = {"score": "score", "buy_auc": "buy_roc_auc", "recall": "recall@20", "mrr": "mrr@20"}
 FIT_ON = {"train": ("train",), "train+valid": ("train", "valid")}   # --fit-on -> splits trained on
+DEFAULT_EPOCHS = 40          # most epochs of an early-stopped run (--epochs not given)
+HELD_OUT_DIR = "held-out"    # train_refit's stage 1, inside OUT
 
 
 def choose_device(requested: str) -> torch.device:
@@ -315,12 +320,17 @@ STACK_FOLDS = 5
 
 
 def fit_stack(model, artefacts, train_ex: Examples, valid_ex: Examples, device: torch.device, batch_size: int,
-              seed: int, tune: bool = True) -> dict | None:
+              seed: int, tune: bool = True, fixed: dict | None = None, refit: bool = False) -> dict | None:
     """After training: the aggregate LightGBM on the in-graph features (training/models/stack.py)
     of the TRAIN windows (out-of-fold item tables), its parameters tuned on valid
     (baselines.tune_gbm), then the blend with the GRU's buy logit fitted on the VALID prefixes
     (fit_blend) and the whole attached to the model (so both exported graphs carry it).
-    Returns the valid figures of GBM alone, GRU alone and the blend, or None (no buy labels)."""
+    Returns the valid figures of GBM alone, GRU alone and the blend, or None (no buy labels).
+
+    `refit` (train_refit's train+valid stage): nothing is tuned or blended here (valid is
+    in the training rows); `fixed` is the held-out run's stack record, whose GBM parameters
+    are refitted on these training rows and whose blend and keep decision are reused.
+    No stack when the held-out run kept none."""
     from training.baselines import GBM_DEFAULTS, AggregateBuyModel, tune_gbm
     from training.models.stack import BuyStack, example_events, examples_features, item_tables, norm_of
 
@@ -330,6 +340,19 @@ def fit_stack(model, artefacts, train_ex: Examples, valid_ex: Examples, device: 
     oof_pop, oof_rate, fold = item_tables(session, item, buys, artefacts.n_items, folds=STACK_FOLDS, seed=seed)
     pop, rate, _ = item_tables(session, item, buys, artefacts.n_items)
     x_train, y_train = examples_features(train_ex, oof_pop, oof_rate, norm, fold)
+    if refit:
+        if not fixed or not fixed.get("kept") or not len(y_train) or y_train.min() == y_train.max():
+            return None
+        gbm = AggregateBuyModel("gbm", seed=seed, params=fixed["gbm_params"]).fit(x_train, y_train)
+        stack = BuyStack.from_lightgbm(gbm.model, pop[0], rate[0], norm)
+        blend = fixed["blend"]
+        stack.blend_gbm, stack.blend_gru, stack.blend_bias = blend["gbm"], blend["gru"], blend["bias"]
+        model.attach_stack(stack)
+        return {"gbm_params": fixed["gbm_params"], "gbm_trials": [], "trees": int(len(stack.roots)),
+                "depth": stack.depth, "train_rows": int(len(y_train)), "out_of_fold": STACK_FOLDS,
+                "blend": blend, "valid": fixed.get("valid"), "kept": True,
+                "fit_on": "GBM refitted on train+valid with the held-out run's parameters; blend and "
+                          "valid figures from the held-out run (OUT/held-out)"}
     x_valid, y_valid = examples_features(valid_ex, pop, rate, norm)
     if not len(y_train) or y_train.min() == y_train.max() or not len(y_valid) or y_valid.min() == y_valid.max():
         return None
@@ -379,7 +402,10 @@ def parity_inputs(examples: Examples, n: int, seed: int) -> dict[str, np.ndarray
     return encode_windows(windows, examples.artefacts)
 
 
-def train(args: argparse.Namespace) -> dict:
+def train(args: argparse.Namespace, from_held_out: dict | None = None) -> dict:
+    """One fit. `from_held_out` (train_refit's second stage): the train_info of the
+    early-stopped --fit-on train run whose valid-fitted choices (calibration, stack blend
+    and GBM parameters) this train+valid refit reuses instead of fitting them in-sample."""
     seed_everything(args.seed)
     device = choose_device(args.device)
     if args.threads:
@@ -394,9 +420,11 @@ def train(args: argparse.Namespace) -> dict:
         raise ClickscoreError(f"--fit-on must be one of {list(FIT_ON)}, got {fit_on!r}")
     fit_splits = FIT_ON[fit_on]
     held_out = fit_on == "train"
-    if not held_out and args.epochs < 1:
-        raise ClickscoreError("--fit-on train+valid needs --epochs N >= 1 (no early stopping without "
-                              "held-out data; take N from the best epoch of a --fit-on train run)")
+    if args.epochs is not None and args.epochs < 1:
+        raise ClickscoreError(f"--epochs must be >= 1, got {args.epochs}")
+    if not held_out and args.epochs is None and from_held_out is None:
+        return train_refit(args)
+    max_epochs = args.epochs or DEFAULT_EPOCHS
     artefacts = fit_artefacts(frame, args.min_item_count, splits=fit_splits)
     train_ex = build_examples(frame, fit_splits, artefacts)
     valid_ex = build_examples(frame, "valid", artefacts)
@@ -408,7 +436,7 @@ def train(args: argparse.Namespace) -> dict:
                               "and parity inputs); re-run prepare with --valid-days")
     if not held_out:
         print(f"fit on {fit_on}: no held-out data, so no early stopping; training exactly "
-              f"{args.epochs} epochs and keeping the last (valid figures below are on training "
+              f"{max_epochs} epochs and keeping the last (valid figures below are on training "
               "sessions)", file=sys.stderr)
     if args.max_valid_windows and len(valid_ex) > args.max_valid_windows:
         keep = np.sort(np.random.default_rng(args.seed).choice(len(valid_ex), args.max_valid_windows,
@@ -443,7 +471,7 @@ def train(args: argparse.Namespace) -> dict:
            "buy_positions": {"positive": n_pos, "negative": n_neg}}
     best_score, best_state, best_epoch, best_valid, stale, step = -math.inf, None, 0, None, 0, 0
     epochs_run = 0
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(1, max_epochs + 1):
         window_ids = np.arange(len(train_ex))
         buy_off = np.zeros(len(train_ex), dtype=bool)          # windows whose buy loss is dropped
         if args.imbalance == "oversample" and n_pos:
@@ -453,7 +481,7 @@ def train(args: argparse.Namespace) -> dict:
         batches = bucketed_batches(train_ex.window_length[window_ids], args.batch_size, rng)
         totals = {"buy_loss": 0.0, "next_loss": 0.0, "batches": 0}
         epoch_start = time.time()
-        bar = tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", disable=None, leave=False, file=sys.stderr)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{max_epochs}", disable=None, leave=False, file=sys.stderr)
         for batch_ids in bar:
             ids = window_ids[batch_ids]
             batch = train_ex.batch(ids)
@@ -501,7 +529,16 @@ def train(args: argparse.Namespace) -> dict:
             break
 
     calibration = None
-    if getattr(args, "calibrate", False):
+    if getattr(args, "calibrate", False) and from_held_out is not None:
+        # the refit reuses the held-out run's Platt fit: refitting it on valid here would be
+        # in-sample (valid was trained on) and over-confident
+        held = from_held_out.get("calibration")
+        if held and hasattr(config, "calibration_scale"):
+            config.calibration_scale, config.calibration_shift = held["scale"], held["shift"]
+            calibration = {**held, "fit_on": "valid, in the held-out run (OUT/held-out)"}
+            print(f"calibration: the held-out run's Platt fit (scale {held['scale']:.4f} shift "
+                  f"{held['shift']:+.4f})", file=sys.stderr)
+    elif getattr(args, "calibrate", False):
         model.load_state_dict(best_state)
         calibration = calibrate(model, config, valid_ex, device, args.batch_size * 2)
         if calibration:
@@ -512,10 +549,16 @@ def train(args: argparse.Namespace) -> dict:
     stacked = None
     if getattr(args, "stack_gbm", False) and args.model == "gru":
         model.load_state_dict(best_state)
-        stacked = fit_stack(model, artefacts, train_ex, valid_ex, device, args.batch_size * 2, args.seed)
+        stacked = fit_stack(model, artefacts, train_ex, valid_ex, device, args.batch_size * 2, args.seed,
+                            fixed=(from_held_out or {}).get("stack") if from_held_out is not None else None,
+                            refit=from_held_out is not None)
         if stacked and stacked["kept"]:
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        if stacked:
+        if stacked and from_held_out is not None:
+            print(f"stack: LightGBM refitted on {stacked['train_rows']:,} train+valid prefixes with the held-out "
+                  f"run's parameters {stacked['gbm_params']}, its blend a {stacked['blend']['gbm']:.3f} gbm + "
+                  f"b {stacked['blend']['gru']:.3f} gru {stacked['blend']['bias']:+.3f}", file=sys.stderr)
+        elif stacked:
             v = stacked["valid"]
             print(f"stack (LightGBM in the graph, {stacked['trees']} trees, params {stacked['gbm_params']}; "
                   f"blend on valid {stacked['valid_prefixes']:,} prefixes: a {stacked['blend']['gbm']:.3f} gbm + "
@@ -526,10 +569,17 @@ def train(args: argparse.Namespace) -> dict:
                   + ("kept" if stacked["kept"] else "NOT kept (the blend does not beat the GRU alone on valid)"),
                   file=sys.stderr)
     elapsed = time.time() - started
+    held = None
+    if from_held_out is not None:   # what the refit took from the held-out run
+        held = {"out": from_held_out.get("out"), "best_epoch": from_held_out.get("best_epoch"),
+                "best_valid": from_held_out.get("best_valid")}
     log.update(best_epoch=best_epoch, best_valid=best_valid, seconds=round(elapsed, 2), steps=step,
-               calibration=calibration, stack=stacked)
+               calibration=calibration, stack=stacked, held_out_run=held)
+    # the command the user ran (a refit's own --epochs is the held-out run's choice, so the
+    # model card's rebuild line repeats the two-stage command, not this stage)
+    user_args = getattr(args, "user_args", None) or {k: v for k, v in vars(args).items() if k not in ("command", "user_args")}
     train_info = {
-        "args": {k: v for k, v in vars(args).items() if k not in ("command",)},
+        "args": user_args, "held_out_run": held,
         "seed": args.seed, "fit_on": fit_on, "epochs": epochs_run, "calibration": calibration, "stack": stacked, "best_epoch": best_epoch, "best_valid": best_valid,
         "dataset": stats.get("dataset"), "data": str(data), "data_stats": stats,
         "vocab_hash": artefacts.vocab_hash, "n_items": artefacts.n_items,
@@ -549,6 +599,29 @@ def train(args: argparse.Namespace) -> dict:
     np.savez_compressed(out / PARITY_FILE, **parity_inputs(valid_ex, PARITY_WINDOWS, args.seed))
     print(f"best epoch {best_epoch}: {json.dumps(best_valid)}\nwrote {out} in {elapsed:.0f} s", file=sys.stderr)
     return train_info
+
+
+def train_refit(args: argparse.Namespace) -> dict:
+    """`--fit-on train+valid` without `--epochs`: pick the epoch count on held-out data first.
+
+    Stage 1 is the same command with `--fit-on train` into OUT/held-out (early stopping on
+    valid, Platt calibration and the stack's GBM parameters and blend fitted on valid);
+    stage 2 refits on train+valid for its best epoch count and reuses those valid-fitted
+    choices (refitting them on valid would be in-sample). So one command gives the
+    train_full row the way session-rec fits its baselines, and the test split chooses
+    nothing."""
+    out = Path(args.out)
+    user_args = {k: v for k, v in vars(args).items() if k not in ("command",)}
+    stage = copy.copy(args)
+    stage.fit_on, stage.out, stage.user_args = "train", str(out / HELD_OUT_DIR), None
+    print(f"fit on train+valid without --epochs: stage 1, an early-stopped --fit-on train run into "
+          f"{stage.out} picks the epoch count", file=sys.stderr)
+    first = train(stage)
+    first["out"] = stage.out
+    refit = copy.copy(args)
+    refit.epochs, refit.user_args = max(1, int(first["best_epoch"])), user_args
+    print(f"stage 2: refit on train+valid for {refit.epochs} epochs (the held-out run's best)", file=sys.stderr)
+    return train(refit, from_held_out=first)
 
 
 def _fmt(value) -> str:
