@@ -99,12 +99,13 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from stream.errors import ClickscoreError
-from stream.features import INPUT_NAMES, ITEM_OFFSET, encode_windows
+from stream.features import INPUT_NAMES, ITEM_OFFSET, WINDOW, encode_windows
 from training import metrics
 from training.examples import IGNORE, Examples, build_examples, fit_artefacts, read_events
 from training.models import build_model
 from training.models.dilated import DilatedConfig
 from training.models.gru import GRUConfig
+from training.models.neighbours import NeighbourTableParams, fit_neighbour_table
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FEATURES_FILE = "features.json"
@@ -116,6 +117,8 @@ TOP_K = 20
 # --select-on -> the valid figure that picks the epoch (score = mean of buy AUC and R@20)
 SELECT_ON = {"score": "score", "buy_auc": "buy_roc_auc", "recall": "recall@20", "mrr": "mrr@20"}
 FIT_ON = {"train": ("train",), "train+valid": ("train", "valid")}   # --fit-on -> splits trained on
+# --neighbour-mix auto: the mixture weights tried on valid (0 = the model alone)
+NEIGHBOUR_MIX_GRID = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def choose_device(requested: str) -> torch.device:
@@ -137,9 +140,16 @@ def make_config(kind: str, artefacts, args: argparse.Namespace):
                   embedding_dim=args.embedding_dim, hidden_dim=args.hidden_dim, dropout=args.dropout,
                   window=artefacts.window)
     if kind == "gru":
-        return GRUConfig(**common, repeat=bool(getattr(args, "repeat", False)), wide=bool(getattr(args, "wide", False)),
+        repeat, wide = bool(getattr(args, "repeat", False)), bool(getattr(args, "wide", False))
+        # the neighbour head reads the recent items the window context keeps, so it needs it
+        neighbours = getattr(args, "neighbours", False) and (repeat or wide)
+        return GRUConfig(**common, repeat=repeat, wide=wide,
                          repeat_mode=getattr(args, "repeat_mode", None) or "mixture",
-                         item_rates=bool(getattr(args, "wide", False)))
+                         item_rates=bool(getattr(args, "wide", False)),
+                         neighbours=int(getattr(args, "neighbour_top_n", 100)) if neighbours else 0,
+                         neighbour_window=int(getattr(args, "neighbour_window", 10) or 10),
+                         neighbour_decay=float(getattr(args, "neighbour_decay", 2.0) or 2.0),
+                         neighbour_mode=getattr(args, "neighbour_mode", None) or "explore")
     return DilatedConfig(**common)
 
 
@@ -287,6 +297,71 @@ def calibrate(model, config, valid_ex: Examples, device: torch.device, batch_siz
             "prefixes": int(len(targets)), "positive": int(targets.sum())}
 
 
+def check_neighbour_args(args: argparse.Namespace) -> None:
+    """Bad --neighbour-* values fail before any data is read, naming the option to fix."""
+    try:
+        neighbour_table_params(args)
+    except ValueError as exc:
+        raise ClickscoreError(f"--neighbour-top-n/--neighbour-steps/--neighbour-backward/"
+                              f"--neighbour-recency-days/--neighbour-idf: {exc}") from None
+    if not 1 <= args.neighbour_window <= WINDOW:
+        raise ClickscoreError(f"--neighbour-window must be in 1..{WINDOW}, got {args.neighbour_window}")
+    if args.neighbour_decay <= 0:
+        raise ClickscoreError(f"--neighbour-decay must be > 0, got {args.neighbour_decay}")
+    if args.neighbour_mix >= 1 or (args.neighbour_mix < 0 and args.neighbour_mix != -1):
+        raise ClickscoreError(f"--neighbour-mix must be in [0, 1), or -1 to fit it on valid; got {args.neighbour_mix}")
+
+
+def neighbour_table_params(args: argparse.Namespace) -> NeighbourTableParams:
+    return NeighbourTableParams(top_n=args.neighbour_top_n, steps=args.neighbour_steps,
+                                backward=args.neighbour_backward, recency_days=args.neighbour_recency_days,
+                                idf=args.neighbour_idf)
+
+
+def neighbour_table(frame, splits, artefacts, params: NeighbourTableParams) -> tuple[np.ndarray, np.ndarray]:
+    """The item-neighbour table (training/models/neighbours.py) from the sessions of `splits`."""
+    from training.examples import split_frame
+
+    part = split_frame(frame, splits)
+    session_index = part["session_id"].rle_id().to_numpy()
+    items = artefacts.item_indices(part["item_id"].to_list())
+    return fit_neighbour_table(session_index, items, part["timestamp"].to_numpy() / 1000.0,
+                               artefacts.n_items, params)
+
+
+@torch.no_grad()
+def fit_neighbour_mix(model, config, valid_ex: Examples, device: torch.device, batch_size: int,
+                      grid=NEIGHBOUR_MIX_GRID) -> dict:
+    """Valid R@20 / MRR@20 of the model mixed with its neighbour table for each weight in
+    `grid`; stores the best (by R@20 + MRR@20) in config.neighbour_mix, so both exported
+    graphs carry it. The table must be loaded (model.neighbours.load_table)."""
+    model.eval()
+    ranks: dict[float, list] = {a: [] for a in grid}
+    order = np.argsort(valid_ex.window_length, kind="stable")
+    for i in range(0, len(order), batch_size):
+        batch = to_tensors(valid_ex.batch(order[i:i + batch_size]), device)
+        mask = batch["next_target"] != IGNORE                             # (B, W')
+        if not mask.any():
+            continue
+        inputs = tuple(batch[name] for name in MODEL_INPUTS)
+        hidden = model.encode(*inputs)                                    # (B, W', H), once for the grid
+        target = batch["next_target"][mask].cpu().numpy()                 # (Q,)
+        for a in grid:
+            config.neighbour_mix = float(a)                               # the model reads it from its config
+            _, scores = model.outputs_masked(hidden, inputs, mask)         # (Q, n_items)
+            ranks[a].append(metrics.target_ranks(scores.cpu().numpy(), target, first_real=ITEM_OFFSET))
+    model.train()
+    table = []
+    for a in grid:
+        r = np.concatenate(ranks[a]) if ranks[a] else np.zeros(0)
+        table.append({"mix": a, "recall@20": metrics.recall_at_k(r, TOP_K) if len(r) else None,
+                      "mrr@20": metrics.mrr_at_k(r, TOP_K) if len(r) else None})
+    scored = [row for row in table if row["recall@20"] is not None]
+    best = max(scored, key=lambda row: (row["recall@20"] + row["mrr@20"], -row["mix"])) if scored else table[0]
+    config.neighbour_mix = float(best["mix"])
+    return {"grid": table, "mix": config.neighbour_mix}
+
+
 def parity_inputs(examples: Examples, n: int, seed: int) -> dict[str, np.ndarray]:
     """Real encoded validation windows: whole windows and random prefixes of them, so
     the exported model's gather at length-1 is checked at many lengths (1..100)."""
@@ -320,9 +395,17 @@ def train(args: argparse.Namespace) -> dict:
     if not held_out and args.epochs < 1:
         raise ClickscoreError("--fit-on train+valid needs --epochs N >= 1 (no early stopping without "
                               "held-out data; take N from the best epoch of a --fit-on train run)")
+    if args.model == "gru" and getattr(args, "neighbours", False):
+        check_neighbour_args(args)
     artefacts = fit_artefacts(frame, args.min_item_count, splits=fit_splits)
     train_ex = build_examples(frame, fit_splits, artefacts)
     valid_ex = build_examples(frame, "valid", artefacts)
+    table = None
+    if args.model == "gru" and getattr(args, "neighbours", False):
+        params = neighbour_table_params(args)
+        table = neighbour_table(frame, fit_splits, artefacts, params)
+        # --fit-on train+valid: the table for fitting the mix on valid holds out valid
+        fit_table = table if held_out else neighbour_table(frame, ("train",), artefacts, params)
     del frame
     if len(train_ex) == 0:
         raise ClickscoreError(f"{data}: the train split has no sessions")
@@ -432,12 +515,35 @@ def train(args: argparse.Namespace) -> dict:
             print(f"calibration (Platt on valid, {calibration['prefixes']:,} prefixes): scale "
                   f"{calibration['scale']:.4f} shift {calibration['shift']:+.4f}; valid ECE "
                   f"{calibration['valid_ece_before']:.4f} -> {calibration['valid_ece_after']:.4f}", file=sys.stderr)
+    neighbours = None
+    if table is not None and getattr(model, "neighbours", None) is not None:
+        model.load_state_dict(best_state)
+        model.neighbours.load_table(fit_table)
+        fixed = getattr(args, "neighbour_mix", None)
+        if fixed is not None and fixed >= 0:
+            neighbours = fit_neighbour_mix(model, config, valid_ex, device, args.batch_size * 2, grid=(0.0, fixed))
+            config.neighbour_mix = float(fixed)
+            neighbours["mix"], neighbours["fit_on"] = config.neighbour_mix, "given (--neighbour-mix)"
+        else:
+            neighbours = fit_neighbour_mix(model, config, valid_ex, device, args.batch_size * 2)
+            neighbours["fit_on"] = ("valid (held out)" if held_out else
+                                    "valid (model trained on it: in-sample; table from train only)")
+        model.neighbours.load_table(table)
+        neighbours.update(top_n=config.neighbours, window=config.neighbour_window, decay=config.neighbour_decay,
+                          table=asdict(neighbour_table_params(args)), bytes=int(table[0].nbytes + table[1].nbytes))
+        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        at = {row["mix"]: row for row in neighbours["grid"]}
+        print(f"neighbours ({neighbours['fit_on']}): mix {config.neighbour_mix:.2f}; valid R@20 / MRR@20 "
+              f"{_fmt(at[0.0]['recall@20'])} / {_fmt(at[0.0]['mrr@20'])} alone -> "
+              f"{_fmt(at[config.neighbour_mix]['recall@20'])} / {_fmt(at[config.neighbour_mix]['mrr@20'])} mixed; "
+              f"table {neighbours['bytes'] / 1e6:.1f} MB", file=sys.stderr)
     elapsed = time.time() - started
     log.update(best_epoch=best_epoch, best_valid=best_valid, seconds=round(elapsed, 2), steps=step,
-               calibration=calibration)
+               calibration=calibration, neighbours=neighbours)
     train_info = {
         "args": {k: v for k, v in vars(args).items() if k not in ("command",)},
-        "seed": args.seed, "fit_on": fit_on, "epochs": epochs_run, "calibration": calibration, "best_epoch": best_epoch, "best_valid": best_valid,
+        "seed": args.seed, "fit_on": fit_on, "epochs": epochs_run, "calibration": calibration,
+        "neighbours": neighbours, "best_epoch": best_epoch, "best_valid": best_valid,
         "dataset": stats.get("dataset"), "data": str(data), "data_stats": stats,
         "vocab_hash": artefacts.vocab_hash, "n_items": artefacts.n_items,
         "train_windows": len(train_ex), "train_sessions": train_ex.n_sessions, "valid_windows": len(valid_ex), "steps": step,
