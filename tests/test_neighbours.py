@@ -154,3 +154,18 @@ def test_bad_neighbour_options_fail_at_once(yoochoose, tmp_path):
         args = build_parser().parse_args(["train", "--data", str(yoochoose), "--out", str(tmp_path / "x"), *bad])
         with pytest.raises(ClickscoreError, match=name):
             train(args)
+
+
+def test_fit_on_train_plus_valid_takes_the_given_or_default_weight(yoochoose, tmp_path):
+    """Nothing is held out with --fit-on train+valid: the weight is never fitted in-sample."""
+    from stream.cli import build_parser
+    from training.train import NEIGHBOUR_MIX_DEFAULT, train
+
+    common = ["--data", str(yoochoose), "--max-steps", "3", "--epochs", "1", "--batch-size", "32",
+              "--embedding-dim", "16", "--hidden-dim", "24", "--threads", "1", "--max-valid-windows", "200",
+              "--fit-on", "train+valid"]
+    for name, extra, want in (("default", [], NEIGHBOUR_MIX_DEFAULT), ("given", ["--neighbour-mix", "0.25"], 0.25)):
+        train(build_parser().parse_args(["train", "--out", str(tmp_path / name), *common, *extra]))
+        fitted = json.loads((tmp_path / name / "train_log.json").read_text())["neighbours"]
+        assert fitted["mix"] == want and fitted["fit_on"].startswith(name)
+        assert torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["config"]["neighbour_mix"] == want

@@ -40,6 +40,14 @@ it; with --fit-on train+valid that fit is in-sample (valid was trained on) and t
 says so. --select-on picks the epoch by one valid figure (buy_auc for buy deployments:
 the buy AUC peaks epochs before Recall@20 does on labelled YOOCHOOSE).
 
+Item neighbours (GRU with --repeat or --wide; --neighbours, on by default;
+models/neighbours.py): after training, a table of each item's top --neighbour-top-n
+co-occurring items is fitted on the training sessions and loaded into the model (graph
+constants: N * 8 bytes per item), and the weight a of its mixture with the catalogue
+distribution is chosen on valid from NEIGHBOUR_MIX_GRID by R@20 + MRR@20 (like the Platt
+fit). With --fit-on train+valid nothing is held out, so a is --neighbour-mix (take it from
+the --fit-on train run's train_log.json, neighbours.mix) or NEIGHBOUR_MIX_DEFAULT.
+
 Class imbalance (--imbalance) acts on the buy head only unless it resamples:
 - weight: BCE pos_weight = negative/positive buy positions in train;
 - undersample: each epoch the buy loss of a random share of non-buying windows is
@@ -118,6 +126,9 @@ TOP_K = 20
 SELECT_ON = {"score": "score", "buy_auc": "buy_roc_auc", "recall": "recall@20", "mrr": "mrr@20"}
 FIT_ON = {"train": ("train",), "train+valid": ("train", "valid")}   # --fit-on -> splits trained on
 # --neighbour-mix auto: the mixture weights tried on valid (0 = the model alone)
+# --fit-on train+valid without --neighbour-mix: the weight chosen on yoochoose-100k valid
+# (docs/experiments-log.md), since nothing is held out to fit it on
+NEIGHBOUR_MIX_DEFAULT = 0.4
 NEIGHBOUR_MIX_GRID = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
@@ -520,14 +531,20 @@ def train(args: argparse.Namespace) -> dict:
         model.load_state_dict(best_state)
         model.neighbours.load_table(fit_table)
         fixed = getattr(args, "neighbour_mix", None)
-        if fixed is not None and fixed >= 0:
+        given = fixed is not None and fixed >= 0
+        if given or not held_out:
+            # train+valid: the model has trained on valid, so a weight fitted there is in-sample
+            # (it picks ~0: the model has memorised valid); use the given or the default weight
+            fixed = float(fixed) if given else NEIGHBOUR_MIX_DEFAULT
             neighbours = fit_neighbour_mix(model, config, valid_ex, device, args.batch_size * 2, grid=(0.0, fixed))
-            config.neighbour_mix = float(fixed)
-            neighbours["mix"], neighbours["fit_on"] = config.neighbour_mix, "given (--neighbour-mix)"
+            config.neighbour_mix = fixed
+            neighbours["mix"] = fixed
+            neighbours["fit_on"] = ("given (--neighbour-mix)" if given else
+                                    f"default {NEIGHBOUR_MIX_DEFAULT} (--fit-on train+valid holds nothing out; pass "
+                                    "--neighbour-mix from a --fit-on train run)")
         else:
             neighbours = fit_neighbour_mix(model, config, valid_ex, device, args.batch_size * 2)
-            neighbours["fit_on"] = ("valid (held out)" if held_out else
-                                    "valid (model trained on it: in-sample; table from train only)")
+            neighbours["fit_on"] = "valid (held out)"
         model.neighbours.load_table(table)
         neighbours.update(top_n=config.neighbours, window=config.neighbour_window, decay=config.neighbour_decay,
                           table=asdict(neighbour_table_params(args)), bytes=int(table[0].nbytes + table[1].nbytes))
