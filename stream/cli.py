@@ -132,6 +132,31 @@ def _train(p: argparse.ArgumentParser) -> None:
                    default=True, help="gru: after training, fit the aggregate LightGBM on in-graph session "
                    "features (train, tuned on valid) and blend it with the buy logit on valid, inside the "
                    "exported graphs (training/models/stack.py); false = the GRU's own buy head")
+    add_env_option(p, "--neighbours", "CLICKSCORE_TRAIN_NEIGHBOURS", type=_bool, nargs="?", const=True,
+                   default=True, help="gru (with --repeat or --wide): mix the next-item head with an item-neighbour "
+                   "table fitted on the training sessions, shipped inside the graphs (training/models/neighbours.py)")
+    add_env_option(p, "--neighbour-top-n", "CLICKSCORE_TRAIN_NEIGHBOUR_TOP_N", type=int, default=100,
+                   help="--neighbours: co-occurring items kept per item (N * 8 bytes per item in the model)")
+    add_env_option(p, "--neighbour-window", "CLICKSCORE_TRAIN_NEIGHBOUR_WINDOW", type=int, default=10,
+                   help="--neighbours: the session's last K items whose neighbours are summed")
+    add_env_option(p, "--neighbour-decay", "CLICKSCORE_TRAIN_NEIGHBOUR_DECAY", type=float, default=2.0,
+                   help="--neighbours: an item k steps back weighs exp(-k / decay)")
+    add_env_option(p, "--neighbour-steps", "CLICKSCORE_TRAIN_NEIGHBOUR_STEPS", type=int, default=10,
+                   help="--neighbours: largest in-session distance that makes two items neighbours (weight 1/d)")
+    add_env_option(p, "--neighbour-backward", "CLICKSCORE_TRAIN_NEIGHBOUR_BACKWARD", type=float, default=0.5,
+                   help="--neighbours: weight of b before a, relative to b after a")
+    add_env_option(p, "--neighbour-recency-days", "CLICKSCORE_TRAIN_NEIGHBOUR_RECENCY_DAYS", type=float,
+                   default=0.0, help="--neighbours: session weight exp(-age / days) from the last training "
+                   "event (0: off)")
+    add_env_option(p, "--neighbour-idf", "CLICKSCORE_TRAIN_NEIGHBOUR_IDF", type=float, default=1.0,
+                   help="--neighbours: target weight 1 + idf * log(sessions / events of the target) (0: off)")
+    add_env_option(p, "--neighbour-mode", "CLICKSCORE_TRAIN_NEIGHBOUR_MODE", choices=("explore", "output"),
+                   default="explore", help="--neighbours: explore = mix into the catalogue side of the repeat "
+                   "gate (with --repeat-mode mixture); output = mix with the final next-item distribution")
+    add_env_option(p, "--neighbour-mix", "CLICKSCORE_TRAIN_NEIGHBOUR_MIX", type=float, default=-1.0,
+                   help="--neighbours: weight a of p = (1 - a) p_model + a p_knn; -1: fit on valid after "
+                   "training (--fit-on train+valid holds nothing out: 0.4, or pass the value a --fit-on train "
+                   "run chose)")
 
 
 def _tune(p: argparse.ArgumentParser) -> None:

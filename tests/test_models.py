@@ -208,7 +208,12 @@ def test_inputs_of_model_inputs_are_the_encoded_names():
 
 CONTEXT_VARIANTS = [{"repeat": True, "wide": True, "item_rates": True}, {"repeat": True, "repeat_mode": "bonus"},
                     {"wide": True}, {"repeat": True, "wide": True, "calibration_scale": 0.7,
-                                     "calibration_shift": -0.4}]
+                                     "calibration_shift": -0.4},
+                    # item-neighbour mixture (training/models/neighbours.py), a random table loaded below
+                    {"repeat": True, "wide": True, "neighbours": 6, "neighbour_window": 4, "neighbour_mix": 0.4},
+                    {"repeat": True, "neighbours": 6, "neighbour_window": 3, "neighbour_mix": 0.3,
+                     "neighbour_mode": "output"},
+                    {"repeat": True, "repeat_mode": "bonus", "neighbours": 6, "neighbour_mix": 0.2}]
 
 
 @pytest.mark.parametrize("extra", CONTEXT_VARIANTS)
@@ -218,6 +223,11 @@ def test_context_heads_are_causal_and_step_exactly(extra):
     with torch.no_grad():   # untrained recency/gate parameters are zeros: make them matter
         for p in model.context.parameters():
             p.add_(0.3 * torch.randn_like(p))
+    if model.neighbours is not None:
+        rng = np.random.default_rng(0)
+        weights = rng.random((50, 6)).astype(np.float32)
+        weights[:2] = 0.0                                          # padding and OOV rows are empty
+        model.neighbours.load_table((rng.integers(2, 50, (50, 6)).astype(np.int32), weights))
     assert_causal_and_steps_exactly(model, extra)
 
 
@@ -277,6 +287,11 @@ def assert_causal_and_steps_exactly(model, extra):
         torch.testing.assert_close(buy[:, :t], buy2[:, :t], rtol=0, atol=1e-6)
         torch.testing.assert_close(nxt[:, :t], nxt2[:, :t], rtol=0, atol=1e-6)
         assert not torch.allclose(nxt[:, t:], nxt2[:, t:])
+        if model.neighbours is not None:   # the neighbour table moves the scores (not a no-op path)
+            mix, model.config.neighbour_mix = model.config.neighbour_mix, 0.0
+            without = model(**inputs)[1]
+            model.config.neighbour_mix = mix
+            assert not torch.allclose(without, nxt, atol=1e-3)
         if extra.get("repeat") and extra.get("repeat_mode", "mixture") == "mixture":
             # the mixture is a distribution: log-scores sum to 1 in probability
             torch.testing.assert_close(torch.logsumexp(nxt, dim=-1), torch.zeros(3, WINDOW), rtol=0, atol=1e-4)

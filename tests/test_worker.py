@@ -189,6 +189,10 @@ def assert_every_event_scored(dead: dict[str, str], log: list[dict], window: int
 
 def test_worker_scores_every_event_like_offline_and_dead_letters_bad_input(
         broker, model_dir, scorer, click_log, tmp_path, store):
+    # model_dir is trained with the defaults, so it carries the item-neighbour mixture
+    # (training/models/neighbours.py): the parity below covers the in-graph table too
+    fitted = json.loads((model_dir.parent / "ck" / "train_log.json").read_text())["neighbours"]
+    assert fitted["mix"] > 0 and fitted["top_n"] == 100
     t = topics()
     records = [(e["session_id"].encode(), json.dumps(e).encode()) for e in click_log]
     # Malformed messages spread through the stream: the worker must carry on past each.

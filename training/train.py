@@ -43,6 +43,14 @@ it; with --fit-on train+valid that fit is in-sample (valid was trained on) and t
 says so. --select-on picks the epoch by one valid figure (buy_auc for buy deployments:
 the buy AUC peaks epochs before Recall@20 does on labelled YOOCHOOSE).
 
+Item neighbours (GRU with --repeat or --wide; --neighbours, on by default;
+models/neighbours.py): after training, a table of each item's top --neighbour-top-n
+co-occurring items is fitted on the training sessions and loaded into the model (graph
+constants: N * 8 bytes per item), and the weight a of its mixture with the catalogue
+distribution is chosen on valid from NEIGHBOUR_MIX_GRID by R@20 + MRR@20 (like the Platt
+fit). With --fit-on train+valid nothing is held out, so a is the held-out stage's fit
+(train_refit), --neighbour-mix when given, or NEIGHBOUR_MIX_DEFAULT with --epochs N.
+
 Class imbalance (--imbalance) acts on the buy head only unless it resamples:
 - weight: BCE pos_weight = negative/positive buy positions in train;
 - undersample: each epoch the buy loss of a random share of non-buying windows is
@@ -102,12 +110,13 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from stream.errors import ClickscoreError
-from stream.features import INPUT_NAMES, ITEM_OFFSET, encode_windows
+from stream.features import INPUT_NAMES, ITEM_OFFSET, WINDOW, encode_windows
 from training import metrics
 from training.examples import IGNORE, Examples, build_examples, fit_artefacts, read_events
 from training.models import build_model
 from training.models.dilated import DilatedConfig
 from training.models.gru import GRUConfig
+from training.models.neighbours import NeighbourTableParams, fit_neighbour_table
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FEATURES_FILE = "features.json"
@@ -121,6 +130,11 @@ SELECT_ON = {"score": "score", "buy_auc": "buy_roc_auc", "recall": "recall@20", 
 FIT_ON = {"train": ("train",), "train+valid": ("train", "valid")}   # --fit-on -> splits trained on
 DEFAULT_EPOCHS = 40          # most epochs of an early-stopped run (--epochs not given)
 HELD_OUT_DIR = "held-out"    # train_refit's stage 1, inside OUT
+# --neighbour-mix auto: the mixture weights tried on valid (0 = the model alone)
+# --fit-on train+valid without --neighbour-mix: the weight chosen on yoochoose-100k valid
+# (docs/experiments-log.md), since nothing is held out to fit it on
+NEIGHBOUR_MIX_DEFAULT = 0.4
+NEIGHBOUR_MIX_GRID = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def choose_device(requested: str) -> torch.device:
@@ -142,9 +156,16 @@ def make_config(kind: str, artefacts, args: argparse.Namespace):
                   embedding_dim=args.embedding_dim, hidden_dim=args.hidden_dim, dropout=args.dropout,
                   window=artefacts.window)
     if kind == "gru":
-        return GRUConfig(**common, repeat=bool(getattr(args, "repeat", False)), wide=bool(getattr(args, "wide", False)),
+        repeat, wide = bool(getattr(args, "repeat", False)), bool(getattr(args, "wide", False))
+        # the neighbour head reads the recent items the window context keeps, so it needs it
+        neighbours = getattr(args, "neighbours", False) and (repeat or wide)
+        return GRUConfig(**common, repeat=repeat, wide=wide,
                          repeat_mode=getattr(args, "repeat_mode", None) or "mixture",
-                         item_rates=bool(getattr(args, "wide", False)))
+                         item_rates=bool(getattr(args, "wide", False)),
+                         neighbours=int(getattr(args, "neighbour_top_n", 100)) if neighbours else 0,
+                         neighbour_window=int(getattr(args, "neighbour_window", 10) or 10),
+                         neighbour_decay=float(getattr(args, "neighbour_decay", 2.0) or 2.0),
+                         neighbour_mode=getattr(args, "neighbour_mode", None) or "explore")
     return DilatedConfig(**common)
 
 
@@ -385,6 +406,69 @@ def fit_stack(model, artefacts, train_ex: Examples, valid_ex: Examples, device: 
     return {"gbm_params": params, "gbm_trials": trials, "trees": int(len(stack.roots)), "depth": stack.depth,
             "train_rows": int(len(y_train)), "valid_prefixes": int(len(targets)), "out_of_fold": STACK_FOLDS,
             "blend": {"gbm": blend[0], "gru": blend[1], "bias": blend[2]}, "valid": figures, "kept": kept}
+def check_neighbour_args(args: argparse.Namespace) -> None:
+    """Bad --neighbour-* values fail before any data is read, naming the option to fix."""
+    try:
+        neighbour_table_params(args)
+    except ValueError as exc:
+        raise ClickscoreError(f"--neighbour-top-n/--neighbour-steps/--neighbour-backward/"
+                              f"--neighbour-recency-days/--neighbour-idf: {exc}") from None
+    if not 1 <= args.neighbour_window <= WINDOW:
+        raise ClickscoreError(f"--neighbour-window must be in 1..{WINDOW}, got {args.neighbour_window}")
+    if args.neighbour_decay <= 0:
+        raise ClickscoreError(f"--neighbour-decay must be > 0, got {args.neighbour_decay}")
+    if args.neighbour_mix >= 1 or (args.neighbour_mix < 0 and args.neighbour_mix != -1):
+        raise ClickscoreError(f"--neighbour-mix must be in [0, 1), or -1 to fit it on valid; got {args.neighbour_mix}")
+
+
+def neighbour_table_params(args: argparse.Namespace) -> NeighbourTableParams:
+    return NeighbourTableParams(top_n=args.neighbour_top_n, steps=args.neighbour_steps,
+                                backward=args.neighbour_backward, recency_days=args.neighbour_recency_days,
+                                idf=args.neighbour_idf)
+
+
+def neighbour_table(frame, splits, artefacts, params: NeighbourTableParams) -> tuple[np.ndarray, np.ndarray]:
+    """The item-neighbour table (training/models/neighbours.py) from the sessions of `splits`."""
+    from training.examples import split_frame
+
+    part = split_frame(frame, splits)
+    session_index = part["session_id"].rle_id().to_numpy()
+    items = artefacts.item_indices(part["item_id"].to_list())
+    return fit_neighbour_table(session_index, items, part["timestamp"].to_numpy() / 1000.0,
+                               artefacts.n_items, params)
+
+
+@torch.no_grad()
+def fit_neighbour_mix(model, config, valid_ex: Examples, device: torch.device, batch_size: int,
+                      grid=NEIGHBOUR_MIX_GRID) -> dict:
+    """Valid R@20 / MRR@20 of the model mixed with its neighbour table for each weight in
+    `grid`; stores the best (by R@20 + MRR@20) in config.neighbour_mix, so both exported
+    graphs carry it. The table must be loaded (model.neighbours.load_table)."""
+    model.eval()
+    ranks: dict[float, list] = {a: [] for a in grid}
+    order = np.argsort(valid_ex.window_length, kind="stable")
+    for i in range(0, len(order), batch_size):
+        batch = to_tensors(valid_ex.batch(order[i:i + batch_size]), device)
+        mask = batch["next_target"] != IGNORE                             # (B, W')
+        if not mask.any():
+            continue
+        inputs = tuple(batch[name] for name in MODEL_INPUTS)
+        hidden = model.encode(*inputs)                                    # (B, W', H), once for the grid
+        target = batch["next_target"][mask].cpu().numpy()                 # (Q,)
+        for a in grid:
+            config.neighbour_mix = float(a)                               # the model reads it from its config
+            _, scores = model.outputs_masked(hidden, inputs, mask)         # (Q, n_items)
+            ranks[a].append(metrics.target_ranks(scores.cpu().numpy(), target, first_real=ITEM_OFFSET))
+    model.train()
+    table = []
+    for a in grid:
+        r = np.concatenate(ranks[a]) if ranks[a] else np.zeros(0)
+        table.append({"mix": a, "recall@20": metrics.recall_at_k(r, TOP_K) if len(r) else None,
+                      "mrr@20": metrics.mrr_at_k(r, TOP_K) if len(r) else None})
+    scored = [row for row in table if row["recall@20"] is not None]
+    best = max(scored, key=lambda row: (row["recall@20"] + row["mrr@20"], -row["mix"])) if scored else table[0]
+    config.neighbour_mix = float(best["mix"])
+    return {"grid": table, "mix": config.neighbour_mix}
 
 
 def parity_inputs(examples: Examples, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -425,9 +509,17 @@ def train(args: argparse.Namespace, from_held_out: dict | None = None) -> dict:
     if not held_out and args.epochs is None and from_held_out is None:
         return train_refit(args)
     max_epochs = args.epochs or DEFAULT_EPOCHS
+    if args.model == "gru" and getattr(args, "neighbours", False):
+        check_neighbour_args(args)
     artefacts = fit_artefacts(frame, args.min_item_count, splits=fit_splits)
     train_ex = build_examples(frame, fit_splits, artefacts)
     valid_ex = build_examples(frame, "valid", artefacts)
+    table = None
+    if args.model == "gru" and getattr(args, "neighbours", False):
+        params = neighbour_table_params(args)
+        table = neighbour_table(frame, fit_splits, artefacts, params)
+        # --fit-on train+valid: the table for fitting the mix on valid holds out valid
+        fit_table = table if held_out else neighbour_table(frame, ("train",), artefacts, params)
     del frame
     if len(train_ex) == 0:
         raise ClickscoreError(f"{data}: the train split has no sessions")
@@ -568,6 +660,36 @@ def train(args: argparse.Namespace, from_held_out: dict | None = None) -> dict:
                   f"{_fmt(v['blend']['valid_ece'])}; "
                   + ("kept" if stacked["kept"] else "NOT kept (the blend does not beat the GRU alone on valid)"),
                   file=sys.stderr)
+    neighbours = None
+    if table is not None and getattr(model, "neighbours", None) is not None:
+        model.load_state_dict(best_state)
+        model.neighbours.load_table(fit_table)
+        fixed = getattr(args, "neighbour_mix", None)
+        given = fixed is not None and fixed >= 0
+        if given or not held_out:
+            # train+valid: the model has trained on valid, so a weight fitted there is in-sample
+            # (it picks ~0: the model has memorised valid); use the given or the default weight
+            fixed = float(fixed) if given else NEIGHBOUR_MIX_DEFAULT
+            neighbours = fit_neighbour_mix(model, config, valid_ex, device, args.batch_size * 2, grid=(0.0, fixed))
+            config.neighbour_mix = fixed
+            neighbours["mix"] = fixed
+            neighbours["fit_on"] = ("valid, in the held-out run (OUT/held-out)" if from_held_out is not None
+                                    and (from_held_out.get("neighbours") or {}).get("mix") == fixed else
+                                    "given (--neighbour-mix)" if given else
+                                    f"default {NEIGHBOUR_MIX_DEFAULT} (--fit-on train+valid holds nothing out; pass "
+                                    "--neighbour-mix from a --fit-on train run)")
+        else:
+            neighbours = fit_neighbour_mix(model, config, valid_ex, device, args.batch_size * 2)
+            neighbours["fit_on"] = "valid (held out)"
+        model.neighbours.load_table(table)
+        neighbours.update(top_n=config.neighbours, window=config.neighbour_window, decay=config.neighbour_decay,
+                          table=asdict(neighbour_table_params(args)), bytes=int(table[0].nbytes + table[1].nbytes))
+        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        at = {row["mix"]: row for row in neighbours["grid"]}
+        print(f"neighbours ({neighbours['fit_on']}): mix {config.neighbour_mix:.2f}; valid R@20 / MRR@20 "
+              f"{_fmt(at[0.0]['recall@20'])} / {_fmt(at[0.0]['mrr@20'])} alone -> "
+              f"{_fmt(at[config.neighbour_mix]['recall@20'])} / {_fmt(at[config.neighbour_mix]['mrr@20'])} mixed; "
+              f"table {neighbours['bytes'] / 1e6:.1f} MB", file=sys.stderr)
     elapsed = time.time() - started
     held = None
     if from_held_out is not None:   # what the refit took from the held-out run
@@ -581,6 +703,11 @@ def train(args: argparse.Namespace, from_held_out: dict | None = None) -> dict:
     train_info = {
         "args": user_args, "held_out_run": held,
         "seed": args.seed, "fit_on": fit_on, "epochs": epochs_run, "calibration": calibration, "stack": stacked, "best_epoch": best_epoch, "best_valid": best_valid,
+               calibration=calibration, neighbours=neighbours)
+    train_info = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("command",)},
+        "seed": args.seed, "fit_on": fit_on, "epochs": epochs_run, "calibration": calibration,
+        "neighbours": neighbours, "best_epoch": best_epoch, "best_valid": best_valid,
         "dataset": stats.get("dataset"), "data": str(data), "data_stats": stats,
         "vocab_hash": artefacts.vocab_hash, "n_items": artefacts.n_items,
         "train_windows": len(train_ex), "train_sessions": train_ex.n_sessions, "valid_windows": len(valid_ex), "steps": step,
@@ -620,6 +747,9 @@ def train_refit(args: argparse.Namespace) -> dict:
     first["out"] = stage.out
     refit = copy.copy(args)
     refit.epochs, refit.user_args = max(1, int(first["best_epoch"])), user_args
+    held_mix = (first.get("neighbours") or {}).get("mix")
+    if getattr(refit, "neighbour_mix", None) is not None and refit.neighbour_mix < 0 and held_mix is not None:
+        refit.neighbour_mix = float(held_mix)    # the weight the held-out run fitted on valid
     print(f"stage 2: refit on train+valid for {refit.epochs} epochs (the held-out run's best)", file=sys.stderr)
     return train(refit, from_held_out=first)
 

@@ -166,10 +166,13 @@ class SessionContext(nn.Module):
 
     # -- heads ------------------------------------------------------------------------
 
-    def outputs(self, picked: dict, heads, aux: dict | None = None):
+    def outputs(self, picked: dict, heads, aux: dict | None = None, knn=None):
         """Picked (Q, ..) tensors -> (buy logit (Q,), next-item log-scores (Q, n_items)).
         `aux`, when given, receives the catalogue (explore) logits: training adds their own
-        cross-entropy, so the item embeddings learn as fast as without the repeat path."""
+        cross-entropy, so the item embeddings learn as fast as without the repeat path.
+        `knn`, when given, is (a neighbour distribution (Q, n_items), weight a): the explore
+        side of the mixture becomes (1 - a) softmax(logits) + a p_knn (models/neighbours.py),
+        so the repeat gate still decides between the session's items and the catalogue."""
         h = picked["hidden"]
         if self.wide:
             pooled = picked["state_mean"]                                     # (Q, H) mean state so far
@@ -192,16 +195,20 @@ class SessionContext(nn.Module):
         alpha = torch.where(torch.isnan(alpha), torch.zeros_like(alpha), alpha)   # no real event: no repeat
         repeat_p = torch.zeros_like(logits).scatter_add(1, picked["item"], alpha)   # (Q, n_items)
         gate = torch.sigmoid(self.gate(h))                                    # (Q, 1)
-        explore = torch.log1p(-gate + 1e-6) + torch.log_softmax(logits, dim=-1)
+        explore = torch.log_softmax(logits, dim=-1)
+        if knn is not None:
+            explore = _log_mix(explore, knn[0], knn[1])
+        explore = torch.log1p(-gate + 1e-6) + explore
         repeat = torch.log(gate + 1e-6) + torch.log(repeat_p.clamp(min=1e-30))
         top = torch.maximum(explore, repeat)
         return buy_logit, top + torch.log(torch.exp(explore - top) + torch.exp(repeat - top))
 
     # -- step graph -------------------------------------------------------------------
 
-    def step(self, h, item, event_type, dwell, price, state, heads):
+    def step(self, h, item, event_type, dwell, price, state, heads, knn_of=None):
         """One event: encoder output h (B, H), inputs (B,), context state -> (buy logit,
-        log-scores, new context state); equals the window graph at that position."""
+        log-scores, new context state); equals the window graph at that position.
+        `knn_of`: recent items (B, W) newest last -> the `knn` argument of outputs(), or None."""
         recent, totals, state_mean = state
         previous = recent.to(torch.int64)                                     # (B, W)
         seen = ((previous == item.view(-1, 1)) & (previous != 0)).any(dim=1)
@@ -223,5 +230,15 @@ class SessionContext(nn.Module):
                 logits = torch.zeros_like(items, dtype=h.dtype)
             logits = logits + self.recency.flip(0)                            # slot j is W-1-j events back
             picked["attention"] = logits.masked_fill(items == 0, float("-inf"))
-        buy_logit, scores = self.outputs(picked, heads)
+        buy_logit, scores = self.outputs(picked, heads, knn=knn_of(items) if knn_of is not None else None)
         return buy_logit, scores, (items.to(torch.float32), totals, state_mean)
+
+
+def _log_mix(log_p, q, a: float):
+    """log_p (Q, n) log-probabilities, q (Q, n) probabilities -> log((1 - a) p + a q), stably."""
+    import math
+
+    first = log_p + math.log1p(-a)
+    second = torch.log(q.clamp(min=1e-30)) + math.log(a)
+    top = torch.maximum(first, second)
+    return top + torch.log(torch.exp(first - top) + torch.exp(second - top))

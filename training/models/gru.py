@@ -23,6 +23,7 @@ from stream.features import WINDOW
 from training.models.context import SessionContext
 from training.models.embedding import OutputHeads, SessionEmbedding
 from training.models.stack import WINDOW_CHANNELS, BuyStack, Norm
+from training.models.neighbours import NeighbourHead, recent_per_position
 
 
 @dataclass
@@ -52,10 +53,24 @@ class GRUConfig:
     stack_depth: int = 0
     stack_norm: tuple = (0.0, 1.0, 0.0, 1.0)          # dwell mean/std, price mean/std (features.json)
     stack_blend: tuple = (1.0, 0.0, 0.0)              # buy logit = a * gbm + b * calibrated gru + c
+    # Item-neighbour table (training/models/neighbours.py): top-N co-occurring items per
+    # item, fitted on the training sessions; the last `neighbour_window` items' rows form
+    # p_knn and the next-item output is log((1 - neighbour_mix) p_model + neighbour_mix p_knn),
+    # neighbour_mix fitted on valid after training (train.py). 0 neighbours: off.
+    neighbours: int = 0
+    neighbour_window: int = 10
+    neighbour_decay: float = 2.0
+    neighbour_mix: float = 0.0
+    neighbour_mode: str = "explore"   # explore: into the catalogue side of the repeat gate; output: the final scores
 
     def __post_init__(self):
         assert self.n_items > 2 and self.n_categories >= 3, "vocabularies hold padding/OOV/missing and at least one item"
         assert self.num_layers >= 1 and self.embedding_dim > 0 and self.hidden_dim > 0
+        assert not self.neighbours or self.repeat or self.wide, \
+            "neighbours need the window context (repeat or wide): the step state carries the recent items"
+        assert 0.0 <= self.neighbour_mix < 1.0, "neighbour_mix is a mixture weight in [0, 1)"
+        assert self.neighbour_mode in ("explore", "output"), f"neighbour_mode {self.neighbour_mode!r}"
+        assert self.neighbour_window <= self.window, "neighbour_window cannot exceed the window"
 
 
 class GRUModel(nn.Module):
@@ -74,6 +89,9 @@ class GRUModel(nn.Module):
                                        config.repeat_mode, config.item_rates)
                         if config.repeat or config.wide else None)
         self.state_names = ("hidden",) + (SessionContext.state_names if self.context is not None else ())
+        self.neighbours = (NeighbourHead(config.n_items, config.neighbours, config.neighbour_window,
+                                         config.neighbour_decay) if config.neighbours else None)
+
         self.stack = None
         if config.stack_trees:
             self.attach_stack(BuyStack(config.n_items, config.stack_nodes, config.stack_trees, config.stack_depth,
@@ -107,6 +125,28 @@ class GRUModel(nn.Module):
         event_type, item, category, hour, weekday, _month, _week, dwell, price = inputs
         return event_type, item, category, hour, weekday, dwell, price
 
+    @property
+    def _explore_mix(self) -> bool:
+        """The neighbours mix into the explore side of the repeat gate (context.outputs)."""
+        c = self.config
+        return (self.neighbours is not None and c.neighbour_mix > 0 and c.neighbour_mode == "explore"
+                and c.repeat and c.repeat_mode == "mixture")
+
+    def knn_of(self, recent):
+        """Recent items (Q, >=K) newest last -> (p_knn (Q, n_items), a) for context.outputs, or None."""
+        if not self._explore_mix:
+            return None
+        recent = recent[:, -self.config.neighbour_window:].to(torch.int64)    # (Q, K)
+        return self.neighbours.distribution(recent), self.config.neighbour_mix
+
+    def with_neighbours(self, scores, recent):
+        """Output mode: next-item scores (Q, n_items) and the last K items (Q, K) -> the
+        neighbour mixture's log-probabilities (unchanged while the mixture weight is 0)."""
+        a = self.config.neighbour_mix
+        if self.neighbours is None or a == 0.0 or self._explore_mix:
+            return scores
+        return self.neighbours.mix(torch.log_softmax(scores, dim=-1), recent.to(torch.int64), a)
+
     def calibrated(self, buy_logit):
         """Platt scaling fitted on valid (identity until train.py fits it)."""
         c = self.config
@@ -124,7 +164,12 @@ class GRUModel(nn.Module):
             return self.buy_output(self.heads.buy_logit(picked), features), self.heads.next_item_logits(picked)
         event_type, item, *_rest, dwell, price = inputs
         tensors = self.context.window_tensors(hidden, item, event_type, dwell, price)
-        buy_logit, scores = self.context.outputs(self.context.pick(tensors, mask), self.heads, aux)
+        recent = (recent_per_position(item, self.config.neighbour_window)[mask]            # (Q, K)
+                  if self.neighbours is not None and self.config.neighbour_mix else None)
+        buy_logit, scores = self.context.outputs(self.context.pick(tensors, mask), self.heads, aux,
+                                                 knn=self.knn_of(recent) if recent is not None else None)
+        if recent is not None:
+            scores = self.with_neighbours(scores, recent)
         return self.buy_output(buy_logit, features), scores
 
     def score_last(self, event_type, item, category, hour, weekday, month, week, dwell, price, length):
@@ -145,10 +190,11 @@ class GRUModel(nn.Module):
             return torch.sigmoid(self.buy_output(buy_logit, features)), scores, *state, *stack_state
         tensors = self.context.window_tensors(hidden, item, event_type, dwell, price)
         picked = self.context.pick_last(tensors, length)
-        buy_logit, scores = self.context.outputs(picked, self.heads)
+        recent = self.context.recent_after(item, length)                   # (B, W) newest last
+        buy_logit, scores = self.context.outputs(picked, self.heads, knn=self.knn_of(recent))
         seen = (length > 0).to(hidden.dtype).view(-1, 1)                   # (B, 1): empty window, zero state
-        context_state = (self.context.recent_after(item, length), picked["totals"] * seen,
-                         picked["state_mean"] * seen)
+        context_state = (recent, picked["totals"] * seen, picked["state_mean"] * seen)
+        scores = self.with_neighbours(scores, recent[:, -self.config.neighbour_window:])   # (B, K) newest last
         return (torch.sigmoid(self.buy_output(buy_logit, features)), scores, *state, *context_state,
                 *stack_state)
 
@@ -204,7 +250,8 @@ class GRUModel(nn.Module):
             return (self.buy_output(self.heads.buy_logit(out), features), self.heads.next_item_logits(out),
                     (new_hidden.transpose(0, 1), *stack_state))
         buy_logit, scores, context_state = self.context.step(out, item, event_type, dwell, price, state[1:],
-                                                             self.heads)
+                                                             self.heads, knn_of=self.knn_of)
+        scores = self.with_neighbours(scores, context_state[0][:, -self.config.neighbour_window:])   # (B, K) newest last
         return (self.buy_output(buy_logit, features), scores,
                 (new_hidden.transpose(0, 1), *context_state, *stack_state))
 
