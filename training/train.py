@@ -696,17 +696,13 @@ def train(args: argparse.Namespace, from_held_out: dict | None = None) -> dict:
         held = {"out": from_held_out.get("out"), "best_epoch": from_held_out.get("best_epoch"),
                 "best_valid": from_held_out.get("best_valid")}
     log.update(best_epoch=best_epoch, best_valid=best_valid, seconds=round(elapsed, 2), steps=step,
-               calibration=calibration, stack=stacked, held_out_run=held)
+               calibration=calibration, stack=stacked, neighbours=neighbours, held_out_run=held)
     # the command the user ran (a refit's own --epochs is the held-out run's choice, so the
     # model card's rebuild line repeats the two-stage command, not this stage)
     user_args = getattr(args, "user_args", None) or {k: v for k, v in vars(args).items() if k not in ("command", "user_args")}
     train_info = {
         "args": user_args, "held_out_run": held,
-        "seed": args.seed, "fit_on": fit_on, "epochs": epochs_run, "calibration": calibration, "stack": stacked, "best_epoch": best_epoch, "best_valid": best_valid,
-               calibration=calibration, neighbours=neighbours)
-    train_info = {
-        "args": {k: v for k, v in vars(args).items() if k not in ("command",)},
-        "seed": args.seed, "fit_on": fit_on, "epochs": epochs_run, "calibration": calibration,
+        "seed": args.seed, "fit_on": fit_on, "epochs": epochs_run, "calibration": calibration, "stack": stacked,
         "neighbours": neighbours, "best_epoch": best_epoch, "best_valid": best_valid,
         "dataset": stats.get("dataset"), "data": str(data), "data_stats": stats,
         "vocab_hash": artefacts.vocab_hash, "n_items": artefacts.n_items,
