@@ -6,8 +6,9 @@
 
 For each dataset below, as a user would run it, with the project defaults:
   clickscore prepare ...                                       (the documented command)
-  clickscore train --data D --out R/DATA-valid                 (--fit-on train, early stopping on valid)
-  clickscore train --data D --out R/DATA --fit-on train+valid --epochs N   (N = best epoch above)
+  clickscore train --data D --out R/DATA --fit-on train+valid  (stage 1: --fit-on train into
+      R/DATA/held-out, early stopping and the valid-fitted steps; stage 2: refit on train+valid
+      for its best epoch count)
   clickscore export --checkpoint R/DATA --out O/DATA
   clickscore evaluate --model O/DATA --data D --json --report REPORT.md   (test; baselines on train+valid)
 Each step is skipped when its output already exists, so an interrupted run resumes;
@@ -58,14 +59,15 @@ def run_dataset(name: str, work: Path, threads: int, extra_train: list[str]) -> 
     data, runs, onnx, reports = work / "data" / name, work / "runs", work / "onnx", work / "reports"
     if not (data / "events.parquet").is_file():
         clickscore("prepare", *DATASETS[name], "--out", str(data))
-    held_out = runs / f"{name}-valid"
-    if not (held_out / "checkpoint.pt").is_file():
-        clickscore("train", "--data", str(data), "--out", str(held_out), "--threads", str(threads), *extra_train)
-    best_epoch = max(1, int(json.loads((held_out / "train_log.json").read_text())["best_epoch"]))
+    # one command: `--fit-on train+valid` without --epochs runs the early-stopped --fit-on
+    # train stage into FULL/held-out first (epoch count, calibration, blend, neighbour mix
+    # chosen on valid), then refits on train+valid (training/train.py train_refit)
     full = runs / name
+    held_out = full / "held-out"
     if not (full / "checkpoint.pt").is_file():
         clickscore("train", "--data", str(data), "--out", str(full), "--fit-on", "train+valid",
-                   "--epochs", str(best_epoch), "--threads", str(threads), *extra_train)
+                   "--threads", str(threads), *extra_train)
+    best_epoch = max(1, int(json.loads((held_out / "train_log.json").read_text())["best_epoch"]))
     if not (onnx / name / "model.onnx").is_file():
         clickscore("export", "--checkpoint", str(full), "--out", str(onnx / name))
     result = reports / f"{name}.json"
