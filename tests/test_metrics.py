@@ -213,3 +213,16 @@ def test_unknown_items_count_in_the_prefix_size():
     dense = knn.scores(row, np.array([2.0])).toarray()[0]
     assert dense[0] == pytest.approx(1.0)        # A: S1 + S2 = 0.5 + 0.5
     assert metrics.MISS == np.inf
+
+
+def test_next_item_interval_holds_the_figures_and_is_exact_when_every_session_agrees():
+    from training.metrics import mrr_at_k, next_item_ci, recall_at_k
+
+    rng = np.random.default_rng(0)
+    sessions = np.repeat(np.arange(200), 3)
+    ranks = rng.integers(1, 40, sessions.size)             # > 20 = missed
+    ci = next_item_ci(sessions, ranks, 20, 500, 0)
+    assert ci["recall_ci95"][0] < recall_at_k(ranks, 20) < ci["recall_ci95"][1]
+    assert ci["mrr_ci95"][0] < mrr_at_k(ranks, 20) < ci["mrr_ci95"][1]
+    ones = next_item_ci(sessions, np.ones_like(ranks), 20, 100, 0)   # every target ranked first
+    assert ones["recall_ci95"] == [1.0, 1.0] and ones["mrr_ci95"] == [1.0, 1.0]

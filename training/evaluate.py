@@ -34,7 +34,8 @@ t+1. The target is ranked against the model's FULL item vocabulary (no sampled
 negatives; padding and OOV indices excluded; ties break toward the lower index, as
 in stream.scoring.top_k_items). A target outside the vocabulary (an item unseen
 in training) counts as a miss; its share is test_targets_oov_share.
-recall_at_20 = share of targets in the top 20, mrr_at_20 = mean of 1/rank (0 beyond 20).
+recall_at_20 = share of targets in the top 20, mrr_at_20 = mean of 1/rank (0 beyond 20);
+recall_at_20_ci95 / mrr_at_20_ci95 (model and each kNN-family baseline): 95% session bootstrap.
 
 Baselines, fitted on the same folder's train split, plus valid when evaluating on
 test (train+valid is session-rec's train_full for yoochoose; `--baseline-train train`
@@ -493,6 +494,10 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", n
                  "split_method": stats.get("split_method")},
         "bootstrap": {"resamples": n_bootstrap, "seed": seed, "unit": "session"},
     }
+    target_session = session[has_next]
+    if n_targets and n_bootstrap > 0:
+        ci = metrics.next_item_ci(target_session, scores.next_item_ranks, TOP_K, n_bootstrap, seed)
+        summary.update(recall_at_20_ci95=ci["recall_ci95"], mrr_at_20_ci95=ci["mrr_ci95"])
     probabilities = {"model": scores.buy_probability}
     if baselines:
         next_ranks: dict = {}
@@ -500,6 +505,10 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", n
             events, split, baseline_train, sessions, buy_rows, buy_labels, buy_session, buy_position,
             n_bootstrap, seed, buy_defined, next_ranks)
         summary["baselines"] = block
+        for name, ranks in next_ranks.items():   # each baseline's own 95% intervals too
+            if name in block and len(ranks) == n_targets and n_targets and n_bootstrap > 0:
+                ci = metrics.next_item_ci(target_session, ranks, TOP_K, n_bootstrap, seed)
+                block[name].update(recall_at_20_ci95=ci["recall_ci95"], mrr_at_20_ci95=ci["mrr_ci95"])
         probabilities.update(baseline_probabilities)
         notes += baseline_notes
         summary["paired"] = paired_vs_baselines(
@@ -539,11 +548,13 @@ def format_summary(summary: dict) -> str:
              f"  buy   auc {num(summary['auc'])} {ci(summary['auc_ci95'])}  pr_auc {num(summary['pr_auc'])} "
              f"{ci(summary['pr_auc_ci95'])}  ece {num(summary['ece'])}  prefix_auc "
              + " ".join(f"@{k} {num(v)}" for k, v in summary["prefix_auc"].items()),
-             f"  next  recall@20 {num(summary['recall_at_20'])}  mrr@20 {num(summary['mrr_at_20'])}  "
+             f"  next  recall@20 {num(summary['recall_at_20'])} {ci(summary.get('recall_at_20_ci95'))}  "
+             f"mrr@20 {num(summary['mrr_at_20'])} {ci(summary.get('mrr_at_20_ci95'))}  "
              f"oov targets {num(summary['test_targets_oov_share'])}"]
     for name, block in summary.get("baselines", {}).items():
         if "recall_at_20" in block:
-            lines.append(f"  {name:<20} recall@20 {num(block['recall_at_20'])}  mrr@20 {num(block['mrr_at_20'])}")
+            lines.append(f"  {name:<20} recall@20 {num(block['recall_at_20'])} {ci(block.get('recall_at_20_ci95'))}  "
+                         f"mrr@20 {num(block['mrr_at_20'])} {ci(block.get('mrr_at_20_ci95'))}")
         else:
             lines.append(f"  {name:<20} auc {num(block['auc'])} {ci(block['auc_ci95'])}  "
                          f"pr_auc {num(block['pr_auc'])}  ece {num(block['ece'])}")

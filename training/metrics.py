@@ -265,6 +265,14 @@ def paired_next_item_ci(sessions, ranks_a, ranks_b, k: int = 20, n_resamples: in
     return out
 
 
+def next_item_ci(sessions, ranks, k: int = 20, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Recall@k and MRR@k of one scorer with 95% session-bootstrap intervals: the paired
+    interval against a scorer that never hits (rank 0), whose figures are all 0."""
+    ranks = np.asarray(ranks)
+    out = paired_next_item_ci(sessions, ranks, np.zeros_like(ranks), k, n_resamples, seed)
+    return {"recall_ci95": out["recall_diff_ci95"], "mrr_ci95": out["mrr_diff_ci95"]}
+
+
 def paired_auc_ci(sessions, labels, scores_a, scores_b, n_resamples: int = 1000, seed: int = 0,
                   level: float = 0.95) -> dict:
     """ROC AUC difference a - b on the same examples, 95% interval from resampling whole
