@@ -37,14 +37,10 @@ import torch
 from torch import nn
 
 from stream.features import DWELL_CAP_SECONDS
+from training.baselines import AGGREGATE_FEATURES
 
-STACK_FEATURES = (
-    "log_events", "log_distinct_items", "distinct_categories", "addtocarts", "is_addtocart",
-    "log_duration_s", "log_mean_gap_s", "log_max_gap_s", "log_last_gap_s", "hour", "weekday",
-    "log_price", "log_mean_price", "log_max_price", "distinct_item_share", "current_item_repeats",
-    "item_log_sessions", "item_mean_log_sessions", "item_max_log_sessions",
-    "item_buy_rate", "item_mean_buy_rate", "item_max_buy_rate",
-)
+# the aggregate baseline's features, same names and order (tests/test_stack.py compares values)
+STACK_FEATURES = AGGREGATE_FEATURES
 N_STACK_FEATURES = len(STACK_FEATURES)
 # channels of the step state `stack_window` (B, W, 7): the last W events' raw inputs, newest last
 WINDOW_CHANNELS = ("event_type", "item", "category", "hour", "weekday", "dwell", "price")
