@@ -155,8 +155,8 @@ def _train(p: argparse.ArgumentParser) -> None:
                    "gate (with --repeat-mode mixture); output = mix with the final next-item distribution")
     add_env_option(p, "--neighbour-mix", "CLICKSCORE_TRAIN_NEIGHBOUR_MIX", type=float, default=-1.0,
                    help="--neighbours: weight a of p = (1 - a) p_model + a p_knn; -1: fit on valid after "
-                   "training (--fit-on train+valid holds nothing out: 0.4, or pass the value a --fit-on train "
-                   "run chose)")
+                   "training (--fit-on train+valid: the held-out stage's fit; with --epochs N nothing is held out: 0.4, "
+                   "or pass the value a --fit-on train run chose)")
 
 
 def _tune(p: argparse.ArgumentParser) -> None:

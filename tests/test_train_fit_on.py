@@ -123,3 +123,19 @@ def test_fit_on_train_plus_valid_without_epochs_picks_them_on_a_held_out_run_fir
 def test_epochs_below_one_is_refused(tmp_path):
     with pytest.raises(ClickscoreError, match="--epochs must be >= 1"):
         train(_args(_data(tmp_path), tmp_path / "x", "--epochs", "0"))
+
+
+def test_refit_stacks_the_gbm_refitted_on_both_splits_with_the_held_out_blend(tmp_path):
+    data = _buy_data(tmp_path)
+    out = tmp_path / "tv"
+    info = train(_args(data, out, "--fit-on", "train+valid", "--patience", "2"))
+    held = torch.load(out / "held-out" / "checkpoint.pt", weights_only=False)["train"]["stack"]
+    assert held and held["kept"]
+    # the GBM is refitted on the train+valid prefixes (more rows) with the held-out parameters...
+    assert info["stack"]["gbm_params"] == held["gbm_params"]
+    assert info["stack"]["train_rows"] > held["train_rows"]
+    # ...and the blend is the held-out one, carried into the checkpoint the graphs are built from
+    assert info["stack"]["blend"] == held["blend"]
+    config = torch.load(out / "checkpoint.pt", weights_only=False)["config"]
+    assert list(config["stack_blend"]) == [held["blend"]["gbm"], held["blend"]["gru"], held["blend"]["bias"]]
+    assert config["stack_trees"] > 0

@@ -39,8 +39,8 @@ the next-item loss is the cross-entropy of the repeat/catalogue mixture plus
 item embeddings learn from the non-repeated targets only and recall lags; see
 docs/experiments-log.md). After training, Platt scaling of the buy logit is fitted on
 the valid prefixes (--calibrate) and stored in the config, so the exported graphs carry
-it; with --fit-on train+valid that fit is in-sample (valid was trained on) and the log
-says so. --select-on picks the epoch by one valid figure (buy_auc for buy deployments:
+it; with --fit-on train+valid the held-out stage's fit is reused (train_refit), or with
+--epochs N it is fitted in-sample (valid was trained on) and the log says so. --select-on picks the epoch by one valid figure (buy_auc for buy deployments:
 the buy AUC peaks epochs before Recall@20 does on labelled YOOCHOOSE).
 
 Item neighbours (GRU with --repeat or --wide; --neighbours, on by default;
@@ -356,13 +356,15 @@ def fit_stack(model, artefacts, train_ex: Examples, valid_ex: Examples, device: 
     from training.models.stack import BuyStack, example_events, examples_features, item_tables, norm_of
 
     model.attach_stack(None)
+    if refit and not (fixed and fixed.get("kept")):
+        return None                        # the held-out run kept no stack: nothing to refit
     norm = norm_of(artefacts)
     session, item, buys = example_events(train_ex)
     oof_pop, oof_rate, fold = item_tables(session, item, buys, artefacts.n_items, folds=STACK_FOLDS, seed=seed)
     pop, rate, _ = item_tables(session, item, buys, artefacts.n_items)
     x_train, y_train = examples_features(train_ex, oof_pop, oof_rate, norm, fold)
     if refit:
-        if not fixed or not fixed.get("kept") or not len(y_train) or y_train.min() == y_train.max():
+        if not len(y_train) or y_train.min() == y_train.max():
             return None
         gbm = AggregateBuyModel("gbm", seed=seed, params=fixed["gbm_params"]).fit(x_train, y_train)
         stack = BuyStack.from_lightgbm(gbm.model, pop[0], rate[0], norm)
