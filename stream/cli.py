@@ -157,6 +157,26 @@ def _train(p: argparse.ArgumentParser) -> None:
                    help="--neighbours: weight a of p = (1 - a) p_model + a p_knn; -1: fit on valid after "
                    "training (--fit-on train+valid: the held-out stage's fit; with --epochs N nothing is held out: 0.4, "
                    "or pass the value a --fit-on train run chose)")
+    add_env_option(p, "--session-neighbours", "CLICKSCORE_TRAIN_SESSION_NEIGHBOURS", type=_bool, nargs="?",
+                   const=True, default=True, help="gru (with --repeat or --wide): mix the next-item output with "
+                   "VSTAN's session neighbourhood (posting lists of training sessions inside the graphs; "
+                   "training/models/sessions.py); false = off")
+    add_env_option(p, "--session-k", "CLICKSCORE_TRAIN_SESSION_K", type=int, default=500,
+                   help="--session-neighbours: most similar training sessions that score items")
+    add_env_option(p, "--session-posting", "CLICKSCORE_TRAIN_SESSION_POSTING", type=int, default=500,
+                   help="--session-neighbours: most recent training sessions kept per item (P * 4 bytes per item)")
+    add_env_option(p, "--session-length", "CLICKSCORE_TRAIN_SESSION_LENGTH", type=int, default=20,
+                   help="--session-neighbours: most recent distinct items kept per training session "
+                   "(L * 8 bytes per session)")
+    add_env_option(p, "--session-window", "CLICKSCORE_TRAIN_SESSION_WINDOW", type=int, default=10,
+                   help="--session-neighbours: the session's last K items (1..24) that find neighbours")
+    add_env_option(p, "--session-recency-days", "CLICKSCORE_TRAIN_SESSION_RECENCY_DAYS", type=float, default=5.0,
+                   help="--session-neighbours: a training session weighs exp(-age / days) (0: off)")
+    add_env_option(p, "--session-idf", "CLICKSCORE_TRAIN_SESSION_IDF", type=float, default=2.0,
+                   help="--session-neighbours: item weight 1 + idf * log(sessions / events of the item) (0: off)")
+    add_env_option(p, "--session-mix", "CLICKSCORE_TRAIN_SESSION_MIX", type=float, default=-1.0,
+                   help="--session-neighbours: weight b of p = (1 - b) p_model + b p_sess; -1: fit on valid after "
+                   "training (--fit-on train+valid: the held-out stage's fit; with --epochs N: 0.3)")
 
 
 def _tune(p: argparse.ArgumentParser) -> None:

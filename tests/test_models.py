@@ -213,7 +213,13 @@ CONTEXT_VARIANTS = [{"repeat": True, "wide": True, "item_rates": True}, {"repeat
                     {"repeat": True, "wide": True, "neighbours": 6, "neighbour_window": 4, "neighbour_mix": 0.4},
                     {"repeat": True, "neighbours": 6, "neighbour_window": 3, "neighbour_mix": 0.3,
                      "neighbour_mode": "output"},
-                    {"repeat": True, "repeat_mode": "bonus", "neighbours": 6, "neighbour_mix": 0.2}]
+                    {"repeat": True, "repeat_mode": "bonus", "neighbours": 6, "neighbour_mix": 0.2},
+                    # session-neighbour mixture (training/models/sessions.py), an index fitted below
+                    {"repeat": True, "wide": True, "neighbours": 6, "neighbour_window": 4, "neighbour_mix": 0.4,
+                     "session_neighbours": 5, "session_rows": 31, "session_posting": 8, "session_length": 6,
+                     "session_window": 7, "session_mix": 0.3},
+                    {"wide": True, "session_neighbours": 40, "session_rows": 31, "session_posting": 3,
+                     "session_length": 4, "session_mix": 0.5}]
 
 
 @pytest.mark.parametrize("extra", CONTEXT_VARIANTS)
@@ -228,6 +234,16 @@ def test_context_heads_are_causal_and_step_exactly(extra):
         weights = rng.random((50, 6)).astype(np.float32)
         weights[:2] = 0.0                                          # padding and OOV rows are empty
         model.neighbours.load_table((rng.integers(2, 50, (50, 6)).astype(np.int32), weights))
+    if model.sessions is not None:   # 30 random training sessions over the 50 items
+        from training.models.sessions import SessionIndexParams, fit_session_index
+
+        rng = np.random.default_rng(1)
+        lengths = rng.integers(1, 12, 30)
+        c = model.config
+        index = fit_session_index(np.repeat(np.arange(30), lengths), rng.integers(1, 50, lengths.sum()),
+                                  rng.random(lengths.sum()).cumsum() * 3600.0, 50,
+                                  SessionIndexParams(posting=c.session_posting, length=c.session_length))
+        model.sessions.load_index(index)
     assert_causal_and_steps_exactly(model, extra)
 
 
@@ -291,6 +307,11 @@ def assert_causal_and_steps_exactly(model, extra):
             mix, model.config.neighbour_mix = model.config.neighbour_mix, 0.0
             without = model(**inputs)[1]
             model.config.neighbour_mix = mix
+            assert not torch.allclose(without, nxt, atol=1e-3)
+        if model.sessions is not None:     # so does the session index
+            mix, model.config.session_mix = model.config.session_mix, 0.0
+            without = model(**inputs)[1]
+            model.config.session_mix = mix
             assert not torch.allclose(without, nxt, atol=1e-3)
         if extra.get("repeat") and extra.get("repeat_mode", "mixture") == "mixture":
             # the mixture is a distribution: log-scores sum to 1 in probability

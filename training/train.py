@@ -117,6 +117,8 @@ from training.models import build_model
 from training.models.dilated import DilatedConfig
 from training.models.gru import GRUConfig
 from training.models.neighbours import NeighbourTableParams, fit_neighbour_table
+from training.models.sessions import MAX_WINDOW as SESSION_MAX_WINDOW
+from training.models.sessions import SessionIndexParams, fit_session_index
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FEATURES_FILE = "features.json"
@@ -135,6 +137,10 @@ HELD_OUT_DIR = "held-out"    # train_refit's stage 1, inside OUT
 # (docs/experiments-log.md), since nothing is held out to fit it on
 NEIGHBOUR_MIX_DEFAULT = 0.4
 NEIGHBOUR_MIX_GRID = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8)
+# --session-mix: the same for the session-neighbour head (models/sessions.py), fitted after
+# the item-neighbour mix; the default is the weight chosen on yoochoose-100k valid
+SESSION_MIX_DEFAULT = 0.3
+SESSION_MIX_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 
 
 def choose_device(requested: str) -> torch.device:
@@ -165,7 +171,12 @@ def make_config(kind: str, artefacts, args: argparse.Namespace):
                          neighbours=int(getattr(args, "neighbour_top_n", 100)) if neighbours else 0,
                          neighbour_window=int(getattr(args, "neighbour_window", 10) or 10),
                          neighbour_decay=float(getattr(args, "neighbour_decay", 2.0) or 2.0),
-                         neighbour_mode=getattr(args, "neighbour_mode", None) or "explore")
+                         neighbour_mode=getattr(args, "neighbour_mode", None) or "explore",
+                         session_neighbours=(int(args.session_k) if getattr(args, "session_neighbours", False)
+                                             and (repeat or wide) else 0),
+                         session_posting=int(getattr(args, "session_posting", 500)),
+                         session_length=int(getattr(args, "session_length", 20)),
+                         session_window=int(getattr(args, "session_window", 10)))
     return DilatedConfig(**common)
 
 
@@ -423,6 +434,34 @@ def check_neighbour_args(args: argparse.Namespace) -> None:
         raise ClickscoreError(f"--neighbour-mix must be in [0, 1), or -1 to fit it on valid; got {args.neighbour_mix}")
 
 
+def check_session_args(args: argparse.Namespace) -> None:
+    """Bad --session-* values fail before any data is read, naming the option to fix."""
+    try:
+        session_index_params(args)
+    except ValueError as exc:
+        raise ClickscoreError(f"--session-posting/--session-length/--session-recency-days/--session-idf: {exc}") from None
+    if args.session_k < 1:
+        raise ClickscoreError(f"--session-k must be >= 1, got {args.session_k}")
+    if not 1 <= args.session_window <= SESSION_MAX_WINDOW:
+        raise ClickscoreError(f"--session-window must be in 1..{SESSION_MAX_WINDOW}, got {args.session_window}")
+    if args.session_mix >= 1 or (args.session_mix < 0 and args.session_mix != -1):
+        raise ClickscoreError(f"--session-mix must be in [0, 1), or -1 to fit it on valid; got {args.session_mix}")
+
+
+def session_index_params(args: argparse.Namespace) -> SessionIndexParams:
+    return SessionIndexParams(posting=args.session_posting, length=args.session_length,
+                              recency_days=args.session_recency_days, idf=args.session_idf)
+
+
+def session_index(frame, splits, artefacts, params: SessionIndexParams):
+    """The session-neighbour index (training/models/sessions.py) from the sessions of `splits`."""
+    from training.examples import split_frame
+
+    part = split_frame(frame, splits)
+    return fit_session_index(part["session_id"].rle_id().to_numpy(), artefacts.item_indices(part["item_id"].to_list()),
+                             part["timestamp"].to_numpy() / 1000.0, artefacts.n_items, params)
+
+
 def neighbour_table_params(args: argparse.Namespace) -> NeighbourTableParams:
     return NeighbourTableParams(top_n=args.neighbour_top_n, steps=args.neighbour_steps,
                                 backward=args.neighbour_backward, recency_days=args.neighbour_recency_days,
@@ -513,6 +552,9 @@ def train(args: argparse.Namespace, from_held_out: dict | None = None) -> dict:
     max_epochs = args.epochs or DEFAULT_EPOCHS
     if args.model == "gru" and getattr(args, "neighbours", False):
         check_neighbour_args(args)
+    sessions_on = args.model == "gru" and getattr(args, "session_neighbours", False)
+    if sessions_on:
+        check_session_args(args)
     artefacts = fit_artefacts(frame, args.min_item_count, splits=fit_splits)
     train_ex = build_examples(frame, fit_splits, artefacts)
     valid_ex = build_examples(frame, "valid", artefacts)
@@ -522,6 +564,7 @@ def train(args: argparse.Namespace, from_held_out: dict | None = None) -> dict:
         table = neighbour_table(frame, fit_splits, artefacts, params)
         # --fit-on train+valid: the table for fitting the mix on valid holds out valid
         fit_table = table if held_out else neighbour_table(frame, ("train",), artefacts, params)
+    index = session_index(frame, fit_splits, artefacts, session_index_params(args)) if sessions_on else None
     del frame
     if len(train_ex) == 0:
         raise ClickscoreError(f"{data}: the train split has no sessions")
@@ -542,6 +585,8 @@ def train(args: argparse.Namespace, from_held_out: dict | None = None) -> dict:
         valid_eval = valid_ex
 
     config = make_config(args.model, artefacts, args)
+    if index is not None and getattr(config, "session_neighbours", 0):
+        config.session_rows = index.n_rows      # the head's buffer shapes (loaded after training)
     model = build_model(args.model, config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_pos, n_neg = train_ex.buy_positions
@@ -692,20 +737,23 @@ def train(args: argparse.Namespace, from_held_out: dict | None = None) -> dict:
               f"{_fmt(at[0.0]['recall@20'])} / {_fmt(at[0.0]['mrr@20'])} alone -> "
               f"{_fmt(at[config.neighbour_mix]['recall@20'])} / {_fmt(at[config.neighbour_mix]['mrr@20'])} mixed; "
               f"table {neighbours['bytes'] / 1e6:.1f} MB", file=sys.stderr)
+    sessions = fit_sessions(args, model, config, index, best_state, valid_ex, device, held_out, from_held_out)
+    if sessions is not None:
+        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     elapsed = time.time() - started
     held = None
     if from_held_out is not None:   # what the refit took from the held-out run
         held = {"out": from_held_out.get("out"), "best_epoch": from_held_out.get("best_epoch"),
                 "best_valid": from_held_out.get("best_valid")}
     log.update(best_epoch=best_epoch, best_valid=best_valid, seconds=round(elapsed, 2), steps=step,
-               calibration=calibration, stack=stacked, neighbours=neighbours, held_out_run=held)
+               calibration=calibration, stack=stacked, neighbours=neighbours, sessions=sessions, held_out_run=held)
     # the command the user ran (a refit's own --epochs is the held-out run's choice, so the
     # model card's rebuild line repeats the two-stage command, not this stage)
     user_args = getattr(args, "user_args", None) or {k: v for k, v in vars(args).items() if k not in ("command", "user_args")}
     train_info = {
         "args": user_args, "held_out_run": held,
         "seed": args.seed, "fit_on": fit_on, "epochs": epochs_run, "calibration": calibration, "stack": stacked,
-        "neighbours": neighbours, "best_epoch": best_epoch, "best_valid": best_valid,
+        "neighbours": neighbours, "sessions": sessions, "best_epoch": best_epoch, "best_valid": best_valid,
         "dataset": stats.get("dataset"), "data": str(data), "data_stats": stats,
         "vocab_hash": artefacts.vocab_hash, "n_items": artefacts.n_items,
         "train_windows": len(train_ex), "train_sessions": train_ex.n_sessions, "valid_windows": len(valid_ex), "steps": step,
@@ -724,6 +772,77 @@ def train(args: argparse.Namespace, from_held_out: dict | None = None) -> dict:
     np.savez_compressed(out / PARITY_FILE, **parity_inputs(valid_ex, PARITY_WINDOWS, args.seed))
     print(f"best epoch {best_epoch}: {json.dumps(best_valid)}\nwrote {out} in {elapsed:.0f} s", file=sys.stderr)
     return train_info
+
+
+@torch.no_grad()
+def fit_session_mix(model, config, valid_ex: Examples, device: torch.device, batch_size: int,
+                    grid=SESSION_MIX_GRID) -> dict:
+    """fit_neighbour_mix for the session-neighbour weight b: the model's output and p_sess are
+    computed once per batch and mixed for every b (p_sess is the costly part); the best b by
+    valid R@20 + MRR@20 goes to config.session_mix. The index must be loaded."""
+    from training.models.neighbours import recent_per_position
+
+    model.eval()
+    config.session_mix = 0.0
+    ranks: dict[float, list] = {b: [] for b in grid}
+    order = np.argsort(valid_ex.window_length, kind="stable")
+    for i in range(0, len(order), batch_size):
+        batch = to_tensors(valid_ex.batch(order[i:i + batch_size]), device)
+        mask = batch["next_target"] != IGNORE                             # (B, W')
+        if not mask.any():
+            continue
+        inputs = tuple(batch[name] for name in MODEL_INPUTS)
+        _, scores = model.outputs_masked(model.encode(*inputs), inputs, mask)   # (Q, n_items) without
+        log_p = torch.log_softmax(scores, dim=-1)
+        recent = recent_per_position(batch["item"], config.session_window)[mask]   # (Q, K)
+        p_sess = model.sessions.distribution(recent)                      # (Q, n_items)
+        target = batch["next_target"][mask].cpu().numpy()
+        for b in grid:
+            mixed = log_p if b == 0 else model.sessions.mix(log_p, p_sess, b)
+            ranks[b].append(metrics.target_ranks(mixed.cpu().numpy(), target, first_real=ITEM_OFFSET))
+    model.train()
+    table = []
+    for b in grid:
+        r = np.concatenate(ranks[b]) if ranks[b] else np.zeros(0)
+        table.append({"mix": b, "recall@20": metrics.recall_at_k(r, TOP_K) if len(r) else None,
+                      "mrr@20": metrics.mrr_at_k(r, TOP_K) if len(r) else None})
+    scored = [row for row in table if row["recall@20"] is not None]
+    best = max(scored, key=lambda row: (row["recall@20"] + row["mrr@20"], -row["mix"])) if scored else table[0]
+    config.session_mix = float(best["mix"])
+    return {"grid": table, "mix": config.session_mix}
+
+
+def fit_sessions(args, model, config, index, best_state, valid_ex: Examples, device: torch.device, held_out: bool,
+                 from_held_out: dict | None) -> dict | None:
+    """After training: load the session-neighbour index into the model and choose its mix
+    weight b on valid (held out), or take the given / held-out run's / default weight when
+    valid was trained on (its index holds valid's sessions, so a fit there is in-sample)."""
+    if index is None or getattr(model, "sessions", None) is None:
+        return None
+    model.load_state_dict(best_state)
+    model.sessions.load_index(index)
+    given = getattr(args, "session_mix", -1.0)
+    if given >= 0 or not held_out:
+        mix = float(given) if given >= 0 else SESSION_MIX_DEFAULT
+        held_mix = ((from_held_out or {}).get("sessions") or {}).get("mix")
+        fit = {"grid": [], "mix": mix,
+               "fit_on": ("valid, in the held-out run (OUT/held-out)" if from_held_out is not None and held_mix == mix
+                          else "given (--session-mix)" if given >= 0 else
+                          f"default {SESSION_MIX_DEFAULT} (--fit-on train+valid holds nothing out)")}
+        config.session_mix = mix
+    else:
+        fit = fit_session_mix(model, config, valid_ex, device, args.batch_size * 2)
+        fit["fit_on"] = "valid (held out)"
+    fit.update(k=model.sessions.k, posting=config.session_posting, length=config.session_length,
+               window=config.session_window, rows=index.n_rows, index=asdict(session_index_params(args)),
+               bytes=index.nbytes)
+    line = f"session neighbours ({fit['fit_on']}): mix {config.session_mix:.2f}"
+    if fit["grid"]:
+        at = {row["mix"]: row for row in fit["grid"]}
+        line += (f"; valid R@20 / MRR@20 {_fmt(at[0.0]['recall@20'])} / {_fmt(at[0.0]['mrr@20'])} without -> "
+                 f"{_fmt(at[config.session_mix]['recall@20'])} / {_fmt(at[config.session_mix]['mrr@20'])} mixed")
+    print(f"{line}; index {index.nbytes / 1e6:.1f} MB ({index.n_rows - 1:,} sessions)", file=sys.stderr)
+    return fit
 
 
 def train_refit(args: argparse.Namespace) -> dict:
@@ -748,6 +867,9 @@ def train_refit(args: argparse.Namespace) -> dict:
     held_mix = (first.get("neighbours") or {}).get("mix")
     if getattr(refit, "neighbour_mix", None) is not None and refit.neighbour_mix < 0 and held_mix is not None:
         refit.neighbour_mix = float(held_mix)    # the weight the held-out run fitted on valid
+    held_session_mix = (first.get("sessions") or {}).get("mix")
+    if getattr(refit, "session_mix", None) is not None and refit.session_mix < 0 and held_session_mix is not None:
+        refit.session_mix = float(held_session_mix)
     print(f"stage 2: refit on train+valid for {refit.epochs} epochs (the held-out run's best)", file=sys.stderr)
     return train(refit, from_held_out=first)
 

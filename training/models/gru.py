@@ -24,6 +24,7 @@ from training.models.context import SessionContext
 from training.models.embedding import OutputHeads, SessionEmbedding
 from training.models.stack import WINDOW_CHANNELS, BuyStack, Norm
 from training.models.neighbours import NeighbourHead, recent_per_position
+from training.models.sessions import SessionNeighbourHead
 
 
 @dataclass
@@ -62,6 +63,19 @@ class GRUConfig:
     neighbour_decay: float = 2.0
     neighbour_mix: float = 0.0
     neighbour_mode: str = "explore"   # explore: into the catalogue side of the repeat gate; output: the final scores
+    # Session neighbours (training/models/sessions.py): VSTAN's neighbourhood of whole training
+    # sessions as posting lists in the graph; the final next-item output becomes
+    # log((1 - session_mix) p + session_mix p_sess), session_mix fitted on valid after
+    # training (train.py). 0 session_neighbours (k) or 0 session_rows (S+1): off.
+    session_neighbours: int = 0
+    session_rows: int = 0
+    session_posting: int = 500
+    session_length: int = 20
+    session_window: int = 10
+    session_spw: float = 0.5
+    session_ipw: float = 2.0
+    session_inh: float = 2.0
+    session_mix: float = 0.0
 
     def __post_init__(self):
         assert self.n_items > 2 and self.n_categories >= 3, "vocabularies hold padding/OOV/missing and at least one item"
@@ -71,6 +85,10 @@ class GRUConfig:
         assert 0.0 <= self.neighbour_mix < 1.0, "neighbour_mix is a mixture weight in [0, 1)"
         assert self.neighbour_mode in ("explore", "output"), f"neighbour_mode {self.neighbour_mode!r}"
         assert self.neighbour_window <= self.window, "neighbour_window cannot exceed the window"
+        assert not self.session_neighbours or self.repeat or self.wide, \
+            "session neighbours need the window context (repeat or wide): the step state carries the recent items"
+        assert 0.0 <= self.session_mix < 1.0, "session_mix is a mixture weight in [0, 1)"
+        assert self.session_window <= self.window, "session_window cannot exceed the window"
 
 
 class GRUModel(nn.Module):
@@ -91,6 +109,11 @@ class GRUModel(nn.Module):
         self.state_names = ("hidden",) + (SessionContext.state_names if self.context is not None else ())
         self.neighbours = (NeighbourHead(config.n_items, config.neighbours, config.neighbour_window,
                                          config.neighbour_decay) if config.neighbours else None)
+        self.sessions = (SessionNeighbourHead(config.n_items, config.session_rows, config.session_posting,
+                                              config.session_length, config.session_neighbours,
+                                              config.session_window, config.session_spw, config.session_ipw,
+                                              config.session_inh)
+                         if config.session_neighbours and config.session_rows else None)
 
         self.stack = None
         if config.stack_trees:
@@ -147,6 +170,15 @@ class GRUModel(nn.Module):
             return scores
         return self.neighbours.mix(torch.log_softmax(scores, dim=-1), recent.to(torch.int64), a)
 
+    def with_sessions(self, scores, recent):
+        """Next-item scores (Q, n_items) and recent items (Q, >=K) newest last -> the session-
+        neighbour mixture's log-probabilities (unchanged while its weight is 0)."""
+        b = self.config.session_mix
+        if self.sessions is None or b == 0.0:
+            return scores
+        recent = recent[:, -self.config.session_window:].to(torch.int64)      # (Q, K)
+        return self.sessions.mix(torch.log_softmax(scores, dim=-1), self.sessions.distribution(recent), b)
+
     def calibrated(self, buy_logit):
         """Platt scaling fitted on valid (identity until train.py fits it)."""
         c = self.config
@@ -170,6 +202,8 @@ class GRUModel(nn.Module):
                                                  knn=self.knn_of(recent) if recent is not None else None)
         if recent is not None:
             scores = self.with_neighbours(scores, recent)
+        if self.sessions is not None and self.config.session_mix:
+            scores = self.with_sessions(scores, recent_per_position(item, self.config.session_window)[mask])
         return self.buy_output(buy_logit, features), scores
 
     def score_last(self, event_type, item, category, hour, weekday, month, week, dwell, price, length):
@@ -195,6 +229,7 @@ class GRUModel(nn.Module):
         seen = (length > 0).to(hidden.dtype).view(-1, 1)                   # (B, 1): empty window, zero state
         context_state = (recent, picked["totals"] * seen, picked["state_mean"] * seen)
         scores = self.with_neighbours(scores, recent[:, -self.config.neighbour_window:])   # (B, K) newest last
+        scores = self.with_sessions(scores, recent)
         return (torch.sigmoid(self.buy_output(buy_logit, features)), scores, *state, *context_state,
                 *stack_state)
 
@@ -252,6 +287,7 @@ class GRUModel(nn.Module):
         buy_logit, scores, context_state = self.context.step(out, item, event_type, dwell, price, state[1:],
                                                              self.heads, knn_of=self.knn_of)
         scores = self.with_neighbours(scores, context_state[0][:, -self.config.neighbour_window:])   # (B, K) newest last
+        scores = self.with_sessions(scores, context_state[0])
         return (self.buy_output(buy_logit, features), scores,
                 (new_hidden.transpose(0, 1), *context_state, *stack_state))
 
