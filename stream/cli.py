@@ -174,6 +174,8 @@ def _train(p: argparse.ArgumentParser) -> None:
                    help="--session-neighbours: a training session weighs exp(-age / days) (0: off)")
     add_env_option(p, "--session-idf", "CLICKSCORE_TRAIN_SESSION_IDF", type=float, default=2.0,
                    help="--session-neighbours: item weight 1 + idf * log(sessions / events of the item) (0: off)")
+    add_env_option(p, "--session-max-sessions", "CLICKSCORE_TRAIN_SESSION_MAX_SESSIONS", type=int, default=50_000,
+                   help="--session-neighbours: most recent training sessions indexed (0: all; L * 8 + 4 bytes each)")
     add_env_option(p, "--session-mix", "CLICKSCORE_TRAIN_SESSION_MIX", type=float, default=-1.0,
                    help="--session-neighbours: weight b of p = (1 - b) p_model + b p_sess; -1: fit on valid after "
                    "training (--fit-on train+valid: the held-out stage's fit; with --epochs N: 0.3)")

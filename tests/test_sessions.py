@@ -54,8 +54,20 @@ def test_index_computed_by_hand():
     np.testing.assert_allclose(index.item_weight, want, rtol=1e-6)
 
 
+def test_session_cap_keeps_the_most_recent_sessions_and_the_full_idf():
+    sessions = [[A, B, A], [B, C], [C, 1, D]]
+    full = index_of(sessions, SessionIndexParams(posting=2, length=2, recency_days=1.0, idf=2.0))
+    capped = index_of(sessions, SessionIndexParams(posting=2, length=2, recency_days=1.0, idf=2.0, sessions=2))
+    assert capped.n_rows == 3                                        # s1, s2 (days 1, 2) as rows 0, 1; dummy 2
+    assert capped.items.tolist() == full.items[1:].tolist()
+    np.testing.assert_allclose(capped.session_weight, full.session_weight[1:])
+    assert capped.posting[A].tolist() == [2, 2] and capped.posting[B].tolist() == [0, 2]
+    assert capped.posting[C].tolist() == [1, 0]
+    np.testing.assert_allclose(capped.item_weight, full.item_weight)   # idf over every training session
+
+
 def test_bad_index_parameters_are_refused():
-    for bad in (dict(posting=0), dict(length=0), dict(recency_days=-1.0), dict(idf=-0.5)):
+    for bad in (dict(posting=0), dict(length=0), dict(recency_days=-1.0), dict(idf=-0.5), dict(sessions=-1)):
         with pytest.raises(ValueError):
             SessionIndexParams(**bad)
 

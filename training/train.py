@@ -439,7 +439,8 @@ def check_session_args(args: argparse.Namespace) -> None:
     try:
         session_index_params(args)
     except ValueError as exc:
-        raise ClickscoreError(f"--session-posting/--session-length/--session-recency-days/--session-idf: {exc}") from None
+        raise ClickscoreError(f"--session-posting/--session-length/--session-recency-days/--session-idf/"
+                              f"--session-max-sessions: {exc}") from None
     if args.session_k < 1:
         raise ClickscoreError(f"--session-k must be >= 1, got {args.session_k}")
     if not 1 <= args.session_window <= SESSION_MAX_WINDOW:
@@ -450,7 +451,8 @@ def check_session_args(args: argparse.Namespace) -> None:
 
 def session_index_params(args: argparse.Namespace) -> SessionIndexParams:
     return SessionIndexParams(posting=args.session_posting, length=args.session_length,
-                              recency_days=args.session_recency_days, idf=args.session_idf)
+                              recency_days=args.session_recency_days, idf=args.session_idf,
+                              sessions=getattr(args, "session_max_sessions", 50_000))
 
 
 def session_index(frame, splits, artefacts, params: SessionIndexParams):

@@ -32,7 +32,8 @@ Approximations against training/knn.py's VSTAN: only the last K window items tak
 candidates are the union of per-item posting lists (not the 10,000 most recent of all
 sharers), and neighbours keep their L most recent distinct items. Padding (0), OOV (1)
 and the dummy session row S (posting padding) contribute nothing. Constants: P * 4 bytes
-per item, L * 8 + 4 bytes per training session.
+per item, L * 8 + 4 bytes per training session; `sessions` caps the sessions indexed
+(the most recent) and so the index and the (B, S+1) similarity rows for big logs.
 """
 from __future__ import annotations
 
@@ -53,12 +54,13 @@ class SessionIndexParams:
     length: int = 20              # L: most recent distinct items kept per session
     recency_days: float = 5.0     # VSTAN lambda_snh (0: off)
     idf: float = 2.0              # VSTAN lambda_idf: item weight 1 + idf * log(S / events of j) (0: off)
+    sessions: int = 50_000        # most recent training sessions indexed (0: all); bounds the (B, S+1) rows
 
     def __post_init__(self):
         if self.posting < 1 or self.length < 1:
             raise ValueError(f"session index needs posting >= 1 and length >= 1, got {self.posting}, {self.length}")
-        if self.recency_days < 0 or self.idf < 0:
-            raise ValueError("session index weights (recency_days, idf) must be >= 0")
+        if self.sessions < 0 or self.recency_days < 0 or self.idf < 0:
+            raise ValueError("session index sessions, recency_days and idf must be >= 0")
 
 
 @dataclass
@@ -92,6 +94,18 @@ def fit_session_index(session_index: np.ndarray, items: np.ndarray, seconds: np.
     position = np.arange(len(items)) - starts[session_index] + 1                 # 1-based, all events
     last_time = np.full(S, -np.inf)
     np.maximum.at(last_time, session_index, seconds)                            # (S,) t_n
+    if params.sessions and S > params.sessions:
+        # keep the most recent sessions (VSTAN samples recent ones too), renumbered 0..M-1;
+        # idf still counts every training session and event
+        kept = np.zeros(S, dtype=bool)
+        kept[np.argsort(-last_time, kind="stable")[:params.sessions]] = True
+        counts = np.bincount(items[items >= ITEM_OFFSET], minlength=n_items).astype(np.float64)
+        index = fit_session_index(np.cumsum(kept)[session_index][kept[session_index]] - 1,
+                                  items[kept[session_index]], seconds[kept[session_index]], n_items,
+                                  SessionIndexParams(params.posting, params.length, params.recency_days, 0.0, 0))
+        if params.idf:
+            index.item_weight[ITEM_OFFSET:] = (1.0 + params.idf * np.log(S / np.maximum(counts, 1.0)))[ITEM_OFFSET:]
+        return index
     known = items >= ITEM_OFFSET
     # distinct (session, item) with the item's last position: sort, keep the last of each run
     s, it, pos = session_index[known], items[known], position[known]
