@@ -51,6 +51,13 @@ distribution is chosen on valid from NEIGHBOUR_MIX_GRID by R@20 + MRR@20 (like t
 fit). With --fit-on train+valid nothing is held out, so a is the held-out stage's fit
 (train_refit), --neighbour-mix when given, or NEIGHBOUR_MIX_DEFAULT with --epochs N.
 
+Session neighbours (GRU with --repeat or --wide; --session-neighbours, on by default;
+models/sessions.py): VSTAN's neighbourhood of whole training sessions (posting lists of
+the --session-posting most recent sessions per item, each session's --session-length
+most recent items) is fitted on the training sessions after training and the final
+output becomes log((1 - b) p + b p_sess); b is fitted on valid from SESSION_MIX_GRID after
+the item-neighbour weight (fit_session_mix), or taken like a above (SESSION_MIX_DEFAULT).
+
 Class imbalance (--imbalance) acts on the buy head only unless it resamples:
 - weight: BCE pos_weight = negative/positive buy positions in train;
 - undersample: each epoch the buy loss of a random share of non-buying windows is
