@@ -40,7 +40,12 @@ item embeddings learn from the non-repeated targets only and recall lags; see
 docs/experiments-log.md). After training, Platt scaling of the buy logit is fitted on
 the valid prefixes (--calibrate) and stored in the config, so the exported graphs carry
 it; with --fit-on train+valid the held-out stage's fit is reused (train_refit), or with
---epochs N it is fitted in-sample (valid was trained on) and the log says so. --select-on picks the epoch by one valid figure (buy_auc for buy deployments:
+--epochs N it is fitted in-sample (valid was trained on) and the log says so. The stacked
+buy head (--stack-gbm; fit_stack) chooses on valid whether its GBM reads the recency
+features and counts out-of-vocabulary items as distinct; its train+valid refit keeps the
+held-out blend weights but refits the blend intercept on out-of-fold train+valid scores
+(refit_intercept), so the served probability matches the refit data's base rate instead
+of carrying the valid day's. --select-on picks the epoch by one valid figure (buy_auc for buy deployments:
 the buy AUC peaks epochs before Recall@20 does on labelled YOOCHOOSE).
 
 Item neighbours (GRU with --repeat or --wide; --neighbours, on by default;

@@ -25,6 +25,12 @@ order) where the definitions coincide (tests/test_stack.py checks it). They diff
   (0 sessions, base rate) rather than the raw id's own;
 - item statistics are per vocabulary index, fitted on the training sessions; training rows
   use out-of-fold tables (baselines.prefix_aggregates' `out_of_fold` says why).
+Beyond the baseline (appended columns, RECENCY_FEATURES): events and log seconds since
+the last add-to-cart, carts and new items among the last 5 events, the mean log gap of
+the last 3 and the mean item buy rate of the last 5; and `Norm.oov_distinct`, under which
+every out-of-vocabulary event counts as a new item (Taobao: most items are below
+--min-item-count, and one shared "OOV item" made every such event a repeat). train.fit_stack
+chooses both on valid; old stacks (22 columns, OOV shared) compute what they always did.
 Sums run in float64, so the window graph (cumulative sums) and the step graph (the same
 function on the carried window, `stack_window`) agree to ~1e-15 and no tree split flips.
 """
