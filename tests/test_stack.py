@@ -232,3 +232,17 @@ def test_blend_is_monotone_and_its_ece_is_computed():
     assert expected_calibration_error(y, p) < 0.03
     skewed = 1 / (1 + np.exp(-(a * gbm + b * gru + c + 1.5)))
     assert expected_calibration_error(y, skewed) > expected_calibration_error(y, p) + 0.05
+
+
+@pytest.mark.parametrize("aucs, want_mode, want_kept", [
+    ({"gbm": 0.79, "gru": 0.76, "blend": 0.80}, "blend", True),     # labelled YOOCHOOSE-like
+    ({"gbm": 0.647, "gru": 0.566, "blend": 0.642}, "gbm", True),    # Taobao-like: the GBM alone
+    ({"gbm": 0.55, "gru": 0.66, "blend": 0.65}, "blend", False),    # Diginetica-like: the GRU alone
+])
+def test_choose_stack_picks_by_valid_auc(aucs, want_mode, want_kept):
+    from training.train import choose_stack
+
+    figures = {name: {"valid_auc": auc} for name, auc in aucs.items()}
+    mode, blend, kept = choose_stack(figures, (0.8, 0.4, 0.5), (1.1, -0.2))
+    assert (mode, kept) == (want_mode, want_kept)
+    assert blend == ((1.1, 0.0, -0.2) if mode == "gbm" else (0.8, 0.4, 0.5))
