@@ -131,7 +131,9 @@ def _train(p: argparse.ArgumentParser) -> None:
     add_env_option(p, "--stack-gbm", "CLICKSCORE_TRAIN_STACK_GBM", type=_bool, nargs="?", const=True,
                    default=True, help="gru: after training, fit the aggregate LightGBM on in-graph session "
                    "features (train, tuned on valid) and blend it with the buy logit on valid, inside the "
-                   "exported graphs (training/models/stack.py); false = the GRU's own buy head")
+                   "exported graphs (training/models/stack.py; its feature variant chosen on valid; with "
+                   "--fit-on train+valid the blend intercept is refitted on out-of-fold scores); false = the "
+                   "GRU's own buy head")
     add_env_option(p, "--neighbours", "CLICKSCORE_TRAIN_NEIGHBOURS", type=_bool, nargs="?", const=True,
                    default=True, help="gru (with --repeat or --wide): mix the next-item head with an item-neighbour "
                    "table fitted on the training sessions, shipped inside the graphs (training/models/neighbours.py)")

@@ -3,6 +3,8 @@ baseline's prefix_aggregates, LightGBM trees evaluated in torch against LightGBM
 exact stepping, and the valid-fitted blend's calibration."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import polars as pl
 import pytest
@@ -12,8 +14,8 @@ from stream.features import WINDOW
 from training.baselines import AGGREGATE_FEATURES, ItemBuyStats, prefix_aggregates
 from training.examples import build_examples, fit_artefacts
 from training.models import build_model
-from training.models.stack import (STACK_FEATURES, BuyStack, example_events, examples_features, flatten_trees,
-                                   item_tables, norm_of)
+from training.models.stack import (N_AGGREGATE, RECENCY_FEATURES, STACK_FEATURES, BuyStack, Norm, example_events,
+                                   examples_features, flatten_trees, item_tables, norm_of, session_aggregates)
 
 
 def hand_made_log() -> pl.DataFrame:
@@ -51,10 +53,65 @@ def test_in_graph_aggregates_equal_the_baselines_prefix_aggregates_on_a_hand_mad
         tx=(pl.col("event_type") == "transaction").cum_sum().over("session_id"))
     scored = (first_tx["tx"] == 0).to_numpy()
     want = want_all[scored]
-    assert STACK_FEATURES == AGGREGATE_FEATURES
-    assert got.shape == want.shape and len(got) > 30
+    assert STACK_FEATURES[:N_AGGREGATE] == AGGREGATE_FEATURES
+    assert got.shape == (want.shape[0], len(STACK_FEATURES)) and len(got) > 30
     assert labels.sum() > 0 and labels.min() == 0
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got[:, :N_AGGREGATE], want, rtol=2e-5, atol=2e-5)
+
+
+def recency_by_hand(events: pl.DataFrame, item_rate: np.ndarray) -> np.ndarray:
+    """RECENCY_FEATURES of every event, computed event by event in plain Python/numpy from
+    the raw log (item_rate: the per-event item buy rate, one value per event)."""
+    rows, r = [], 0
+    for _, part in events.group_by("session_id", maintain_order=True):
+        kinds, items = part["event_type"].to_list(), part["item_id"].to_list()
+        seconds = part["timestamp"].to_numpy() / 1000.0
+        for t in range(part.height):
+            carts = [j for j in range(t + 1) if kinds[j] == "addtocart"]
+            last5 = range(max(0, t - 4), t + 1)
+            gaps = [np.log1p(seconds[j] - seconds[j - 1]) for j in range(max(1, t - 2), t + 1)]
+            rows.append([
+                t - carts[-1] if carts else -1.0,
+                np.log1p(seconds[t] - seconds[carts[-1]]) if carts else -1.0,
+                sum(kinds[j] == "addtocart" for j in last5),
+                np.mean(gaps) if gaps else 0.0,
+                sum(items[j] not in items[:j] for j in last5),
+                np.mean([item_rate[r + j - t] for j in last5]),
+            ])
+            r += 1
+    return np.asarray(rows, dtype=np.float64)
+
+
+def test_recency_features_equal_a_direct_computation():
+    events = hand_made_log()
+    artefacts = fit_artefacts(events, 1)
+    examples = build_examples(events, "train", artefacts)
+    session, item, buys = example_events(examples)
+    pop, rate, _ = item_tables(session, item, buys, artefacts.n_items)
+    got, _ = examples_features(examples, pop, rate, norm_of(artefacts))
+    want_all = recency_by_hand(events, prefix_aggregates(events, ItemBuyStats.fit(events))[
+        :, AGGREGATE_FEATURES.index("item_buy_rate")])
+    first_tx = events.with_columns(tx=(pl.col("event_type") == "transaction").cum_sum().over("session_id"))
+    want = want_all[(first_tx["tx"] == 0).to_numpy()]
+    assert len(RECENCY_FEATURES) == want.shape[1] == got.shape[1] - N_AGGREGATE
+    assert (want[:, 0] >= 0).any() and (want[:, 0] == -1).any()       # both with and without a cart
+    np.testing.assert_allclose(got[:, N_AGGREGATE:], want, rtol=2e-5, atol=2e-5)
+
+
+def test_oov_distinct_counts_each_out_of_vocabulary_event_as_a_new_item():
+    # one session, newest last: items 5, OOV, 5, OOV, OOV (index 1 = ITEM_OOV)
+    item = torch.tensor([[0, 0, 5, 1, 5, 1, 1]])
+    ones = torch.ones_like(item)
+    args = (ones, item, ones * 3, ones, ones, torch.zeros(1, 7), torch.zeros(1, 7),
+            torch.zeros(1, 7, dtype=torch.float64), torch.zeros(1, 7, dtype=torch.float64))
+    distinct, repeats = STACK_FEATURES.index("log_distinct_items"), STACK_FEATURES.index("current_item_repeats")
+    norm = Norm(0.0, 1.0, 0.0, 1.0)
+    shared = session_aggregates(*args, norm)[0, 2:]
+    apart = session_aggregates(*args, Norm(0.0, 1.0, 0.0, 1.0, oov_distinct=True))[0, 2:]
+    np.testing.assert_allclose(np.expm1(shared[:, distinct].numpy()), [1, 2, 2, 2, 2])
+    np.testing.assert_allclose(shared[:, repeats].numpy(), [1, 1, 2, 2, 3])
+    np.testing.assert_allclose(np.expm1(apart[:, distinct].numpy()), [1, 2, 2, 3, 4])
+    np.testing.assert_allclose(apart[:, repeats].numpy(), [1, 1, 2, 1, 1])
 
 
 def test_in_graph_aggregates_differ_where_documented_missing_price_reads_as_the_mean():
@@ -113,8 +170,9 @@ def norm_of_default():
     return Norm(1.0, 2.0, 3.0, 1.5)
 
 
-def stacked_gru(n_items=50, **extra):
-    """A tiny GRU (window heads on) with a real LightGBM stack on random item tables."""
+def stacked_gru(n_items=50, oov_distinct=False, **extra):
+    """A tiny GRU (window heads on) with a real LightGBM stack on random item tables (its
+    trees split on all STACK_FEATURES columns, the recency ones included)."""
     from tests.test_models import tiny_config
 
     torch.manual_seed(0)
@@ -122,20 +180,41 @@ def stacked_gru(n_items=50, **extra):
     gbm, _ = fitted_gbm()
     rng = np.random.default_rng(1)
     n = model.config.n_items
-    stack = BuyStack.from_lightgbm(gbm, rng.uniform(0, 5, n), rng.uniform(0, 0.3, n), norm_of_default(),
-                                   blend=(0.8, 0.5, -0.3))
+    norm = Norm(*dataclasses.astuple(norm_of_default())[:4], oov_distinct=oov_distinct)
+    stack = BuyStack.from_lightgbm(gbm, rng.uniform(0, 5, n), rng.uniform(0, 0.3, n), norm, blend=(0.8, 0.5, -0.3))
     model.attach_stack(stack)
     return model
 
 
-def test_stacked_checkpoint_config_rebuilds_the_same_model():
+@pytest.mark.parametrize("oov_distinct", [False, True])
+def test_stacked_checkpoint_config_rebuilds_the_same_model(oov_distinct):
     from dataclasses import asdict
 
-    model = stacked_gru(repeat=True, wide=True, item_rates=True)
+    model = stacked_gru(oov_distinct=oov_distinct, repeat=True, wide=True, item_rates=True)
     rebuilt = build_model("gru", asdict(model.config))
     rebuilt.load_state_dict(model.state_dict())
     assert rebuilt.state_names[-1] == "stack_window"
     assert rebuilt.stack is not None and rebuilt.stack.depth == model.stack.depth
+    assert rebuilt.stack.norm == model.stack.norm and rebuilt.stack.norm.oov_distinct == oov_distinct
+
+
+def test_a_stack_recorded_before_oov_distinct_rebuilds_with_oov_shared():
+    from dataclasses import asdict
+
+    config = asdict(stacked_gru().config)
+    config["stack_norm"] = tuple(config["stack_norm"])[:4]            # as the first stacks stored it
+    assert build_model("gru", config).stack.norm.oov_distinct is False
+
+
+def test_oov_distinct_stack_is_causal_and_steps_exactly():
+    from tests.test_models import assert_causal_and_steps_exactly
+
+    extra = {"repeat": True, "wide": True, "item_rates": True}
+    model = stacked_gru(oov_distinct=True, **extra)
+    with torch.no_grad():
+        for p in model.context.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    assert_causal_and_steps_exactly(model, extra)
 
 
 def test_blend_is_monotone_and_its_ece_is_computed():
@@ -153,3 +232,17 @@ def test_blend_is_monotone_and_its_ece_is_computed():
     assert expected_calibration_error(y, p) < 0.03
     skewed = 1 / (1 + np.exp(-(a * gbm + b * gru + c + 1.5)))
     assert expected_calibration_error(y, skewed) > expected_calibration_error(y, p) + 0.05
+
+
+@pytest.mark.parametrize("aucs, want_mode, want_kept", [
+    ({"gbm": 0.79, "gru": 0.76, "blend": 0.80}, "blend", True),     # labelled YOOCHOOSE-like
+    ({"gbm": 0.647, "gru": 0.566, "blend": 0.642}, "gbm", True),    # Taobao-like: the GBM alone
+    ({"gbm": 0.55, "gru": 0.66, "blend": 0.65}, "blend", False),    # Diginetica-like: the GRU alone
+])
+def test_choose_stack_picks_by_valid_auc(aucs, want_mode, want_kept):
+    from training.train import choose_stack
+
+    figures = {name: {"valid_auc": auc} for name, auc in aucs.items()}
+    mode, blend, kept = choose_stack(figures, (0.8, 0.4, 0.5), (1.1, -0.2))
+    assert (mode, kept) == (want_mode, want_kept)
+    assert blend == ((1.1, 0.0, -0.2) if mode == "gbm" else (0.8, 0.4, 0.5))

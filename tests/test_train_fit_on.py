@@ -134,8 +134,16 @@ def test_refit_stacks_the_gbm_refitted_on_both_splits_with_the_held_out_blend(tm
     # the GBM is refitted on the train+valid prefixes (more rows) with the held-out parameters...
     assert info["stack"]["gbm_params"] == held["gbm_params"]
     assert info["stack"]["train_rows"] > held["train_rows"]
-    # ...and the blend is the held-out one, carried into the checkpoint the graphs are built from
-    assert info["stack"]["blend"] == held["blend"]
+    # ...with the held-out run's feature choices and blend weights; only the intercept is
+    # refitted, on out-of-fold train+valid scores (train.refit_intercept), so the refit's mean
+    # prediction matches the base rate of its own training prefixes
+    stack = info["stack"]
+    assert stack["features"] == held["features"] and stack["oov_distinct"] == held["oov_distinct"]
+    assert stack["held_out_blend"] == held["blend"]
+    assert (stack["blend"]["gbm"], stack["blend"]["gru"]) == (held["blend"]["gbm"], held["blend"]["gru"])
+    icpt = stack["intercept"]
+    assert stack["blend"]["bias"] == icpt["bias"] and icpt["held_out_bias"] == held["blend"]["bias"]
+    assert abs(icpt["mean_probability"] - icpt["prefix_rate"]) < 0.01     # the log-loss intercept's first-order condition
     config = torch.load(out / "checkpoint.pt", weights_only=False)["config"]
-    assert list(config["stack_blend"]) == [held["blend"]["gbm"], held["blend"]["gru"], held["blend"]["bias"]]
+    assert list(config["stack_blend"]) == [held["blend"]["gbm"], held["blend"]["gru"], icpt["bias"]]
     assert config["stack_trees"] > 0

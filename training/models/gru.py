@@ -52,7 +52,7 @@ class GRUConfig:
     stack_trees: int = 0
     stack_nodes: int = 0
     stack_depth: int = 0
-    stack_norm: tuple = (0.0, 1.0, 0.0, 1.0)          # dwell mean/std, price mean/std (features.json)
+    stack_norm: tuple = (0.0, 1.0, 0.0, 1.0)          # dwell mean/std, price mean/std (features.json)[, oov_distinct]
     stack_blend: tuple = (1.0, 0.0, 0.0)              # buy logit = a * gbm + b * calibrated gru + c
     # Item-neighbour table (training/models/neighbours.py): top-N co-occurring items per
     # item, fitted on the training sessions; the last `neighbour_window` items' rows form
@@ -132,7 +132,7 @@ class GRUModel(nn.Module):
             return
         c.stack_trees, c.stack_nodes, c.stack_depth = len(stack.roots), len(stack.feature), stack.depth
         n = stack.norm
-        c.stack_norm = (n.dwell_mean, n.dwell_std, n.price_mean, n.price_std)
+        c.stack_norm = (n.dwell_mean, n.dwell_std, n.price_mean, n.price_std) + ((True,) if n.oov_distinct else ())
         c.stack_blend = (stack.blend_gbm, stack.blend_gru, stack.blend_bias)
         self.state_names = base + ("stack_window",)
 

@@ -25,6 +25,12 @@ order) where the definitions coincide (tests/test_stack.py checks it). They diff
   (0 sessions, base rate) rather than the raw id's own;
 - item statistics are per vocabulary index, fitted on the training sessions; training rows
   use out-of-fold tables (baselines.prefix_aggregates' `out_of_fold` says why).
+Beyond the baseline (appended columns, RECENCY_FEATURES): events and log seconds since
+the last add-to-cart, carts and new items among the last 5 events, the mean log gap of
+the last 3 and the mean item buy rate of the last 5; and `Norm.oov_distinct`, under which
+every out-of-vocabulary event counts as a new item (Taobao: most items are below
+--min-item-count, and one shared "OOV item" made every such event a repeat). train.fit_stack
+chooses both on valid; old stacks (22 columns, OOV shared) compute what they always did.
 Sums run in float64, so the window graph (cumulative sums) and the step graph (the same
 function on the carried window, `stack_window`) agree to ~1e-15 and no tree split flips.
 """
@@ -39,12 +45,25 @@ from torch import nn
 from stream.features import DWELL_CAP_SECONDS
 from training.baselines import AGGREGATE_FEATURES
 
-# the aggregate baseline's features, same names and order (tests/test_stack.py compares values)
-STACK_FEATURES = AGGREGATE_FEATURES
+# the aggregate baseline's features, same names and order (tests/test_stack.py compares values),
+# then recency features the baseline does not have (issue 10: the stack must be more than the
+# baseline's GBM). Appended, never inserted: a tree splits on a feature by its column number, so
+# stacks fitted on the first 22 columns read the same values in a graph that computes more.
+RECENCY_FEATURES = (
+    "events_since_cart",       # real events after the last add-to-cart (-1: no cart yet)
+    "log_time_since_cart_s",   # log(1 + seconds since the last add-to-cart) (-1: no cart yet)
+    "carts_last5",             # add-to-carts among the last 5 events
+    "log_mean_gap_last3_s",    # mean log(1 + gap) over the gaps of the last 3 events
+    "distinct_items_last5",    # distinct items among the last 5 events (new ids within them)
+    "mean_buy_rate_last5",     # mean item buy rate over the last 5 events
+)
+STACK_FEATURES = AGGREGATE_FEATURES + RECENCY_FEATURES
 N_STACK_FEATURES = len(STACK_FEATURES)
+N_AGGREGATE = len(AGGREGATE_FEATURES)
+RECENT = 5                     # "the last events" of the recency features
 # channels of the step state `stack_window` (B, W, 7): the last W events' raw inputs, newest last
 WINDOW_CHANNELS = ("event_type", "item", "category", "hour", "weekday", "dwell", "price")
-ADDTOCART, CATEGORY_MISSING = 2, 1       # stream.events.EVENT_TYPES / stream.features indices
+ADDTOCART, CATEGORY_MISSING, ITEM_OOV = 2, 1, 1   # stream.events.EVENT_TYPES / stream.features indices
 
 
 @dataclass(frozen=True)
@@ -54,6 +73,9 @@ class Norm:
     dwell_std: float
     price_mean: float
     price_std: float
+    # out-of-vocabulary items (index 1) count as a new distinct item at every event, not as
+    # repeats of one shared "OOV item" (False: the first stacks' definition, kept for them)
+    oov_distinct: bool = False
 
 
 def _running_max(values, real):
@@ -72,6 +94,14 @@ def _seen_before(ids, real):
     return (ids.unsqueeze(2) == ids.unsqueeze(1)) & earlier & real.unsqueeze(1)
 
 
+def _last(values, k):
+    """Running sums (B, W) -> the sum of the last k positions' increments at each t (B, W):
+    c[t] - c[t-k]. Real events are contiguous in both layouts (padding all before or all
+    after), so the last k positions up to a real t are the last k events or the session start."""
+    shifted = torch.cat([torch.zeros_like(values[:, :k]), values[:, :-k]], dim=1)[:, :values.size(1)]
+    return values - shifted
+
+
 def session_aggregates(event_type, item, category, hour, weekday, dwell, price, item_pop, item_rate,
                        norm: Norm):
     """Window inputs (B, W) (left-aligned with padding after, or newest-last with padding
@@ -80,7 +110,10 @@ def session_aggregates(event_type, item, category, hour, weekday, dwell, price, 
     real = item != 0                                                            # (B, W)
     r = real.to(torch.float64)
     n = torch.cumsum(r, dim=1)                                                  # events so far
-    first_item = r * (1.0 - _seen_before(item, real).any(dim=2).to(torch.float64))
+    # which earlier events can count as the same item (OOV: none, under oov_distinct)
+    known = real & (item != ITEM_OOV) if norm.oov_distinct else real
+    seen = _seen_before(item, known)                                            # (B, W_s, W_r)
+    first_item = r * (1.0 - seen.any(dim=2).to(torch.float64))
     has_category = real & (category != CATEGORY_MISSING)
     first_category = has_category.to(torch.float64) * (
         1.0 - _seen_before(category, has_category).any(dim=2).to(torch.float64))
@@ -92,12 +125,20 @@ def session_aggregates(event_type, item, category, hour, weekday, dwell, price, 
     duration = torch.cumsum(gap, dim=1)
     log_price = price.to(torch.float64) * norm.price_std + norm.price_mean      # log1p(price)
     raw_price = (torch.exp(log_price) - 1.0) * r
-    same_item = _seen_before(item, real).to(torch.float64).sum(dim=2) + 1.0     # this event included
+    same_item = seen.to(torch.float64).sum(dim=2) + 1.0                         # this event included
     # repeats of the current item up to t: earlier equal real events, counted at s only
     pop = item_pop.to(torch.float64) * r
     rate = item_rate.to(torch.float64) * r
     safe_n = n.clamp(min=1.0)
     log = lambda x: torch.log(1.0 + x)   # noqa: E731  (Log1p is not an ONNX op)
+    # recency: n and duration at the last cart (running max of values that only grow)
+    n_at_cart = _running_max(cart * n, real)                                    # 0: no cart yet
+    duration_at_cart = _running_max(cart * (duration + 1.0), real) - 1.0        # -1: no cart yet
+    has_cart = n_at_cart > 0
+    minus_one = torch.full_like(n, -1.0)
+    recent_n = _last(n, RECENT).clamp(min=1.0)                                  # events in the last 5
+    log_gap = log(gap)
+    gaps3 = _last(torch.cumsum((n >= 2).to(torch.float64) * r, dim=1), 3)       # real gaps in the last 3
     features = torch.stack([
         log(n), log(distinct_items), torch.cumsum(first_category, dim=1), torch.cumsum(cart, dim=1), cart,
         log(duration), log(duration / (n - 1.0).clamp(min=1.0)), log(_running_max(gap, real)), log(gap),
@@ -107,6 +148,12 @@ def session_aggregates(event_type, item, category, hour, weekday, dwell, price, 
         distinct_items / safe_n, same_item,
         pop, torch.cumsum(pop, dim=1) / safe_n, _running_max(pop, real),
         rate, torch.cumsum(rate, dim=1) / safe_n, _running_max(rate, real),
+        torch.where(has_cart, n - n_at_cart, minus_one),
+        torch.where(has_cart, log((duration - duration_at_cart).clamp(min=0.0)), minus_one),
+        _last(torch.cumsum(cart, dim=1), RECENT),
+        _last(torch.cumsum(log_gap, dim=1), 3) / gaps3.clamp(min=1.0),
+        _last(distinct_items, RECENT),
+        _last(torch.cumsum(rate, dim=1), RECENT) / recent_n,
     ], dim=-1)                                                                  # (B, W, F)
     return torch.where(real.unsqueeze(-1), features, torch.zeros_like(features))
 
