@@ -26,7 +26,9 @@ per event, window graph vs step graph, at batch 1/16/256 (bench/step.py measure 
 the served folder, one thread). --latency-rate 0 (the default) paces at half the
 measured saturated rate. Where the time goes: the worker's clickscore_stage_seconds
 means, per stage, for the saturated and the paced phase (stages_*_ms: consume and
-batch_fill per event, the rest per micro-batch; see docs/operations.md). --profile S
+batch_fill per event, the rest per micro-batch; see docs/operations.md), and the worker's
+CPU per event in the saturated phase (cpu_saturated: whole process and event-loop thread,
+from /proc, between 10% and 90% of the events; steadier than events/s on a shared machine). --profile S
 samples the worker with py-spy for S seconds of the paced phase and records the
 functions that hold the most samples (own time).
 
@@ -47,9 +49,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -241,6 +245,63 @@ def scrape_cache(port: int) -> dict[str, float]:
     return out
 
 
+def cpu_seconds(pid: int) -> dict[str, float] | None:
+    """CPU seconds (user + system) of the whole process and of its main thread (the event
+    loop: Faust runs it on the thread whose id is the pid), from /proc (Linux)."""
+    def read(path: str) -> float:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        return {"process": read(f"/proc/{pid}/stat"), "event_loop": read(f"/proc/{pid}/task/{pid}/stat")}
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def events_consumed(port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("clickscore_events_consumed_total{"))
+
+
+class CpuPerEvent(threading.Thread):
+    """The worker's CPU per consumed event between 10% and 90% of `total` events (start-up
+    and the tail left out): a figure that, unlike events/s, hardly moves when other jobs
+    share the cores, so A/B runs on a busy machine still compare."""
+
+    def __init__(self, pid: int, port: int, total: int, every_s: float = 0.25):
+        super().__init__(daemon=True)
+        self.pid, self.port, self.total, self.every_s = pid, port, total, every_s
+        self.marks: list[tuple[float, float, dict]] = []   # (perf_counter, events, cpu)
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                done, cpu = events_consumed(self.port), cpu_seconds(self.pid)
+            except OSError:
+                done, cpu = None, None
+            if done is not None and cpu is not None:
+                self.marks.append((time.perf_counter(), done, cpu))
+                if done >= self.total:
+                    return
+            self.stopping.wait(self.every_s)
+
+    def result(self) -> dict | None:
+        self.stopping.set()
+        self.join(timeout=5)
+        inside = [m for m in self.marks if 0.1 * self.total <= m[1] <= 0.9 * self.total]
+        if len(inside) < 2 or inside[-1][1] <= inside[0][1]:
+            return None
+        (t0, e0, c0), (t1, e1, c1) = inside[0], inside[-1]
+        n = e1 - e0
+        return {"events": int(n), "events_per_s": round(n / (t1 - t0), 1),
+                "worker_us_per_event": round(1e6 * (c1["process"] - c0["process"]) / n, 1),
+                "event_loop_us_per_event": round(1e6 * (c1["event_loop"] - c0["event_loop"]) / n, 1),
+                "other_threads_us_per_event": round(1e6 * ((c1["process"] - c0["process"])
+                                                           - (c1["event_loop"] - c0["event_loop"])) / n, 1),
+                "event_loop_core_share": round((c1["event_loop"] - c0["event_loop"]) / (t1 - t0), 2)}
+
+
 def profile_worker(pid: int, seconds: float, work: Path) -> dict:
     """py-spy samples of the worker (all threads); the functions with the most own-time samples."""
     spy = next((p for p in (Path(sys.executable).parent / "py-spy",) if p.exists()), None)
@@ -293,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-wait-s", type=float, default=0.01)
     parser.add_argument("--batch-linger-s", type=float, default=0.01, help="worker --batch-linger-s")
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--batch-sends", default="true", choices=("true", "false"),
+                        help="worker --batch-sends (one producer batch per topic-partition, or one send per output)")
     parser.add_argument("--passthrough-worker", nargs=4, metavar=("BROKER", "SOURCE", "SINK", "PORT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -331,10 +394,13 @@ def main(argv: list[str] | None = None) -> int:
                                ["--metrics-port", str(metrics_port), "--partitions", str(args.partitions),
                                 "--batch-size", str(args.batch_size), "--batch-wait-s", str(args.batch_wait_s),
                                 "--batch-linger-s", str(args.batch_linger_s),
+                                "--batch-sends", args.batch_sends,
                                 "--model-cache-bytes", str(args.model_cache_bytes), "--log-level", "info",
                                 "--inference-threads", str(args.inference_threads),
                                 *(["--fetch-max-wait-ms", str(args.fetch_max_wait_ms)] if args.fetch_max_wait_ms else [])])
         with worker:
+            cpu_meter = CpuPerEvent(worker.proc.pid, metrics_port, len(saturated))
+            cpu_meter.start()
             time.sleep(1.0)
             lag_before = {}
             while not lag_before:
@@ -344,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(0.2)
             scored = read_topic(broker, topics["next_items"], lambda r: len(r) >= len(saturated),
                                 timeout=1800, settle=0)
+            cpu_saturated = cpu_meter.result()
             lag_after = scrape_histogram(metrics_port, "clickscore_event_loop_lag_seconds")
             stages_after = scrape_stages(metrics_port)
             provider = model_provider(metrics_port)
@@ -358,7 +425,6 @@ def main(argv: list[str] | None = None) -> int:
             producer = KafkaProducer(bootstrap_servers=broker, linger_ms=0)
             profile = {}
             if args.profile:
-                import threading
                 spy = threading.Thread(target=lambda: profile.update(
                     profile_worker(worker.proc.pid, args.profile, work)))
                 spy.start()
@@ -410,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         "consume_only_events_per_s": consumed,
         "worker_vs_passthrough": round(events_per_s / passthrough, 2) if passthrough else None,
         "worker_vs_consume_only": round(events_per_s / consumed, 2) if consumed else None,
+        "cpu_saturated": cpu_saturated,
         "model_cache": cache,
         "model_cost_per_event": step_costs,
         "load_avg_1m_saturated": load_saturated,
@@ -419,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         "stages_saturated_ms": stage_summary({}, stages_after),
         "stages_paced_ms": stage_summary(stages_after, stages_paced),
         "batch_size": args.batch_size, "batch_wait_s": args.batch_wait_s, "batch_linger_s": args.batch_linger_s,
-        "partitions": args.partitions,
+        "partitions": args.partitions, "batch_sends": args.batch_sends == "true",
         "fetch_max_wait_ms": args.fetch_max_wait_ms or None, "inference_threads": args.inference_threads,
         "model": model_note, "model_cache_bytes": args.model_cache_bytes, "provider": provider,
         "machine": machine(),

@@ -13,7 +13,8 @@ the batch logic is plain code in stream/pipeline.py, this module only wires it t
     miss; pipeline.score_isolated without a step graph; inference thread)--> buy probability, top-k
     --(pipeline.finish)--> buyer-scores (until the session's first transaction), next-items
     (every valid event), triggers (with --rules, table `trigger-state`), dead letters
-    outputs --(deliver: every delivery report checked, failures re-sent)--> ack -> commit
+    outputs --(deliver: one producer batch per topic-partition, every delivery report checked,
+    failures re-sent one by one)--> ack -> commit
 
 Batches are pipelined (`begin` -> inference thread -> `complete`): batch N+1 is decoded
 and its state advanced while batch N is scored and batch N-1's outputs are delivered;
@@ -336,6 +337,12 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         return await app.producer.send(out.topic, out.key, out.value, partition=None, timestamp=None,
                                        headers=None)
 
+    # One producer batch per topic-partition for each micro-batch's outputs (--batch-sends).
+    send_all = None
+    if settings.batch_sends:
+        from stream import kafka_compat
+        send_all = kafka_compat.batch_sender(lambda: app.producer)
+
     def begin(events: Sequence[Any]) -> "InFlight":
         """Stage 1, on the event loop: decode, key check, advance and write session state,
         then hand the windows to the inference thread. Returns at once."""
@@ -449,7 +456,8 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
             return False
         sending = time.perf_counter()
         stage["finish"].observe(sending - finishing)
-        await pipeline.deliver(send, done.outputs, records, settings.dlq_topic, SEND_ATTEMPTS, SEND_BACKOFF_S)
+        await pipeline.deliver(send, done.outputs, records, settings.dlq_topic, SEND_ATTEMPTS, SEND_BACKOFF_S,
+                               send_all)
         stage["deliver"].observe(time.perf_counter() - sending)
         for out in done.outputs:
             if out.topic in scored:

@@ -272,6 +272,7 @@ def _worker(p: argparse.ArgumentParser) -> None:
         "rebalance_timeout_ms", "fetch_max_wait_ms", "log_level", "compression_type"))
     add_settings(p, ("model_cache_bytes", "model_poll_s", "inference_threads"))
     add_settings(p, ("batch_linger_s",))
+    add_settings(p, ("batch_sends",))
 
 
 def _models(p: argparse.ArgumentParser) -> None:

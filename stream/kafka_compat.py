@@ -4,6 +4,7 @@ and stop loudly on a record batch the worker cannot decompress.
     from stream import kafka_compat
     kafka_compat.install(app, settings)        # stream/app.py build_app, once per worker
     kafka_compat.require_codecs("kafka-python", ["zstd"])   # before a kafka-python producer
+    send_all = kafka_compat.batch_sender(lambda: app.producer)   # pipeline.deliver: a batch per topic-partition
 
 Why this module exists:
 - Producers in Java, Go and librdkafka commonly compress with lz4, snappy or zstd.
@@ -198,6 +199,66 @@ def stop_worker(unreadable: UnreadableBatch) -> None:
 def _exit_unreadable() -> None:
     logging.shutdown()
     os._exit(EXIT_UNREADABLE_BATCH)
+
+
+# -- batched sends --------------------------------------------------------------------------
+
+def batch_sender(get_producer: Callable[[], Any]) -> Callable[[list], Any]:
+    """`send_all(outputs)` for pipeline.deliver: a micro-batch's outputs (pipeline.Output)
+    queued as one aiokafka record batch per topic-partition (`create_batch`/`send_batch`,
+    public aiokafka API) instead of one `producer.send` per output; returns one delivery
+    report per output, shared by the outputs of a batch.
+
+    Why: per output, Faust's and aiokafka's send path (partitioner, accumulator, one future
+    and one gather callback each) held ~9% of the saturated worker's event loop, plus loop
+    overhead for the futures (docs/operations.md, "Where the latency goes"). Partitions come
+    from Faust's own `producer.key_partition` (the same partitioner a plain send uses), so
+    outputs land where they did. The aiokafka producer is reached through Faust 0.15.3's
+    private `_ensure_producer()`; without it (another Faust) send_all raises and deliver
+    sends output by output. `get_producer` is called at the first send, not before: reading
+    `app.producer` while the app is being configured fixes its settings (compression)."""
+    import asyncio
+
+    from stream.pipeline import group_by_partition
+
+    async def send_all(outputs: list) -> list:
+        producer = get_producer()
+        # The started aiokafka producer (Faust starts it with the app).
+        aio = producer._ensure_producer()
+        for topic in {out.topic for out in outputs}:
+            await aio.partitions_for(topic)   # metadata for key_partition; at once when known
+        groups = group_by_partition(outputs, lambda topic, key: producer.key_partition(topic, key).partition)
+        reports: list = [None] * len(outputs)
+
+        async def send_group(topic: str, partition: int, positions: list[int]) -> None:
+            start = 0
+            try:
+                while start < len(positions):
+                    # A builder refuses a record past the producer's batch size (an empty one
+                    # takes any): the rest go in the next batch, queued after this one.
+                    builder = aio.create_batch()
+                    end = start
+                    while end < len(positions):
+                        out = outputs[positions[end]]
+                        if builder.append(timestamp=None, key=out.key, value=out.value, headers=[]) is None:
+                            break
+                        end += 1
+                    if end == start:
+                        raise RuntimeError(f"an empty producer batch refused an output of {len(out.value)} bytes")
+                    report = await aio.send_batch(builder, topic, partition=partition)
+                    for position in positions[start:end]:
+                        reports[position] = report
+                    start = end
+            except Exception as exc:   # these outputs were not queued: deliver sends them again, one by one
+                failed = asyncio.get_running_loop().create_future()
+                failed.set_exception(exc)
+                for position in positions[start:]:
+                    reports[position] = failed
+
+        await asyncio.gather(*(send_group(topic, partition, positions)
+                               for (topic, partition), positions in groups.items()))
+        return reports
+    return send_all
 
 
 # -- the worker's one call ------------------------------------------------------------------

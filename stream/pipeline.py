@@ -476,33 +476,70 @@ def _record_too_large(exc: BaseException | None) -> bool:
     return False
 
 
+def group_by_partition(outputs: Sequence[Output],
+                       partition_of: Callable[[str, bytes | None], int]) -> dict[tuple[str, int], list[int]]:
+    """Positions of `outputs` per (topic, partition), each list in output order, so one
+    producer batch per topic-partition keeps a session's outputs in order (a session's
+    outputs share its key, hence a partition). `partition_of(topic, key)` is the
+    producer's partitioner; it is asked once per distinct (topic, key) (it hashes the key)."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    known: dict[tuple[str, bytes | None], int] = {}
+    for position, out in enumerate(outputs):
+        where = (out.topic, out.key)
+        partition = known.get(where) if out.key is not None else None
+        if partition is None:
+            # (A key-less output may go anywhere: ask each time, as a plain send would.)
+            partition = known[where] = partition_of(out.topic, out.key)
+        groups.setdefault((out.topic, partition), []).append(position)
+    return groups
+
+
 async def deliver(send: Callable[[Output], Any], outputs: list[Output], records: Sequence[Record],
-                  dlq_topic: str, attempts: int = 5, backoff_s: float = 0.5) -> None:
+                  dlq_topic: str, attempts: int = 5, backoff_s: float = 0.5,
+                  send_all: Callable[[list[Output]], Any] | None = None) -> None:
     """Send every output and wait for each delivery report. `await send(output)` queues
     one record and returns its delivery report (an awaitable: Faust's producer.send).
-    Failed outputs are sent again, `attempts` rounds in all, backing off (doubling); an
-    output the broker refuses as too large is replaced by a dead letter of its input
-    (`output_undeliverable`). Raises DeliveryFailed when outputs stay undelivered: the
-    caller must then not ack the batch, so its offsets are never committed."""
+    `await send_all(outputs)`, when given, queues them all at once and returns one report
+    per output, shared by the outputs of one producer batch (kafka_compat.batch_sender):
+    the first round uses it, retries go output by output, so a failed batch is narrowed
+    down to its outputs. Failed outputs are sent again, `attempts` rounds in all, backing
+    off (doubling); an output the broker refuses as too large, sent alone, is replaced by a
+    dead letter of its input (`output_undeliverable`). Raises DeliveryFailed when outputs
+    stay undelivered: the caller must then not ack the batch, so its offsets are never
+    committed."""
     pending = outputs
     last_error: BaseException | None = None
     for attempt in range(1, attempts + 1):
-        reports = []
-        for out in pending:
+        reports: list = []
+        shared: set[int] = set()     # ids of reports that answer for several outputs
+        if send_all is not None and attempt == 1 and pending:
             try:
-                reports.append(await send(out))
-            except Exception as exc:   # refused before it was queued (buffer timeout, closed)
+                reports = list(await send_all(pending))
+            except Exception as exc:   # nothing of a failed group was queued: retried one by one
                 failed = asyncio.get_running_loop().create_future()
                 failed.set_exception(exc)
-                reports.append(failed)
+                reports = [failed] * len(pending)
+            seen: set[int] = set()
+            for report in reports:
+                (shared if id(report) in seen else seen).add(id(report))
+        else:
+            for out in pending:
+                try:
+                    reports.append(await send(out))
+                except Exception as exc:   # refused before it was queued (buffer timeout, closed)
+                    failed = asyncio.get_running_loop().create_future()
+                    failed.set_exception(exc)
+                    reports.append(failed)
+        # (gather awaits a report shared by several outputs once and gives each its result)
         results = await asyncio.gather(*reports, return_exceptions=True)
         retry: list[Output] = []
-        for out, result in zip(pending, results):
+        for out, report, result in zip(pending, reports, results):
             if not isinstance(result, BaseException):
                 continue
             last_error = result
             metrics.OUTPUT_SEND_FAILURES.labels(topic=out.topic).inc()
-            if _record_too_large(result) and out.topic != dlq_topic:
+            # Too large in a batch: the batch may be too large, not this output; it goes alone next round.
+            if _record_too_large(result) and out.topic != dlq_topic and id(report) not in shared:
                 metrics.EVENTS_DEAD_LETTERED.labels(reason="output_undeliverable").inc()
                 retry.append(dead_letter(records[out.index], "output_undeliverable",
                                          f"{out.topic} refused the output: {result!r}", dlq_topic, out.index))
