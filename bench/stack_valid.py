@@ -45,14 +45,7 @@ def main() -> None:
         return gbm_only(frame, args)
     model, artefacts, info = load_checkpoint(args.checkpoint)
     model.attach_stack(None)                      # the GRU's own calibrated logit
-    train_ex = build_examples(frame, "train", artefacts)
-    valid_ex = build_examples(frame, "valid", artefacts)
-    norm = dataclasses.replace(norm_of(artefacts), oov_distinct=args.oov_distinct)
-    session, item, buys = example_events(train_ex)
-    oof_pop, oof_rate, fold = item_tables(session, item, buys, artefacts.n_items, folds=STACK_FOLDS, seed=args.seed)
-    pop, rate, _ = item_tables(session, item, buys, artefacts.n_items)
-    x_train, y_train = examples_features(train_ex, oof_pop, oof_rate, norm, fold)
-    x_valid, y_valid = examples_features(valid_ex, pop, rate, norm)
+    train_ex, valid_ex, norm, (pop, rate), (x_train, y_train), (x_valid, y_valid) = _features(frame, artefacts, args)
     gru_valid, targets = buy_logits(model, valid_ex, torch.device("cpu"), 512, ordered=True)
     assert np.array_equal(targets, y_valid)
     valid_session, _, _ = example_events(valid_ex)
@@ -88,19 +81,27 @@ def gbm_only(frame, args) -> None:
     from training.examples import fit_artefacts
 
     artefacts = fit_artefacts(frame, args.min_item_count)
+    train_ex, valid_ex, norm, (pop, rate), (x_train, y_train), (x_valid, y_valid) = _features(frame, artefacts, args)
+    for name, cols in (("22 aggregates", slice(0, N_AGGREGATE)), ("+ recency", slice(None))):
+        params, _ = (tune_gbm(x_train[:, cols], y_train, x_valid[:, cols], y_valid, seed=args.seed)
+                     if not args.no_tune else ({}, []))
+        p = AggregateBuyModel("gbm", seed=args.seed, params=params).fit(x_train[:, cols], y_train)
+        print(f"min-item-count {args.min_item_count} ({artefacts.n_items:,} item indices) {name}: "
+              f"in-graph GBM valid AUC {metrics.roc_auc(y_valid, p.predict_proba(x_valid[:, cols])):.4f} {params}")
+
+
+def _features(frame, artefacts, args):
+    """The stack's features as train.fit_stack builds them: training rows with out-of-fold
+    item tables, valid rows with the tables of all training sessions."""
     train_ex = build_examples(frame, "train", artefacts)
     valid_ex = build_examples(frame, "valid", artefacts)
     norm = dataclasses.replace(norm_of(artefacts), oov_distinct=args.oov_distinct)
     session, item, buys = example_events(train_ex)
     oof_pop, oof_rate, fold = item_tables(session, item, buys, artefacts.n_items, folds=STACK_FOLDS, seed=args.seed)
     pop, rate, _ = item_tables(session, item, buys, artefacts.n_items)
-    x_train, y_train = examples_features(train_ex, oof_pop, oof_rate, norm, fold)
-    x_valid, y_valid = examples_features(valid_ex, pop, rate, norm)
-    for name, cols in (("22 aggregates", slice(0, N_AGGREGATE)), ("+ recency", slice(None))):
-        params, _ = tune_gbm(x_train[:, cols], y_train, x_valid[:, cols], y_valid, seed=args.seed)
-        p = AggregateBuyModel("gbm", seed=args.seed, params=params).fit(x_train[:, cols], y_train)
-        print(f"min-item-count {args.min_item_count} ({artefacts.n_items:,} item indices) {name}: "
-              f"in-graph GBM valid AUC {metrics.roc_auc(y_valid, p.predict_proba(x_valid[:, cols])):.4f} {params}")
+    train = examples_features(train_ex, oof_pop, oof_rate, norm, fold)
+    valid = examples_features(valid_ex, pop, rate, norm)
+    return train_ex, valid_ex, norm, (pop, rate), train, valid
 
 
 def _blend_fn(inputs, targets):

@@ -621,15 +621,21 @@ def fit_neighbour_mix(model, config, valid_ex: Examples, device: torch.device, b
             _, scores = model.outputs_masked(hidden, inputs, mask)         # (Q, n_items)
             ranks[a].append(metrics.target_ranks(scores.cpu().numpy(), target, first_real=ITEM_OFFSET))
     model.train()
+    table, config.neighbour_mix = pick_mix(grid, ranks)
+    return {"grid": table, "mix": config.neighbour_mix}
+
+
+def pick_mix(grid, ranks: dict) -> tuple[list[dict], float]:
+    """Valid R@20 / MRR@20 of each mixture weight (ranks[w]: lists of target ranks) and the
+    weight with the highest R@20 + MRR@20 (ties: the smaller weight)."""
     table = []
-    for a in grid:
-        r = np.concatenate(ranks[a]) if ranks[a] else np.zeros(0)
-        table.append({"mix": a, "recall@20": metrics.recall_at_k(r, TOP_K) if len(r) else None,
+    for w in grid:
+        r = np.concatenate(ranks[w]) if ranks[w] else np.zeros(0)
+        table.append({"mix": w, "recall@20": metrics.recall_at_k(r, TOP_K) if len(r) else None,
                       "mrr@20": metrics.mrr_at_k(r, TOP_K) if len(r) else None})
     scored = [row for row in table if row["recall@20"] is not None]
     best = max(scored, key=lambda row: (row["recall@20"] + row["mrr@20"], -row["mix"])) if scored else table[0]
-    config.neighbour_mix = float(best["mix"])
-    return {"grid": table, "mix": config.neighbour_mix}
+    return table, float(best["mix"])
 
 
 def parity_inputs(examples: Examples, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -930,14 +936,7 @@ def fit_session_mix(model, config, valid_ex: Examples, device: torch.device, bat
             mixed = log_p if b == 0 else model.sessions.mix(log_p, p_sess, b)
             ranks[b].append(metrics.target_ranks(mixed.cpu().numpy(), target, first_real=ITEM_OFFSET))
     model.train()
-    table = []
-    for b in grid:
-        r = np.concatenate(ranks[b]) if ranks[b] else np.zeros(0)
-        table.append({"mix": b, "recall@20": metrics.recall_at_k(r, TOP_K) if len(r) else None,
-                      "mrr@20": metrics.mrr_at_k(r, TOP_K) if len(r) else None})
-    scored = [row for row in table if row["recall@20"] is not None]
-    best = max(scored, key=lambda row: (row["recall@20"] + row["mrr@20"], -row["mix"])) if scored else table[0]
-    config.session_mix = float(best["mix"])
+    table, config.session_mix = pick_mix(grid, ranks)
     return {"grid": table, "mix": config.session_mix}
 
 
