@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stream.events import ClickEvent
 from stream.features import EVENT_ROW, WINDOW, FeatureArtefacts, append_event, empty_window, encode_windows
@@ -230,3 +232,29 @@ def test_prepare_replays_old_uncommitted_events_of_a_long_session_and_counts_a_m
                              {b"short": v1}.get, fixture_art, HOUR, 16384)
     assert not batch.rejected and batch.accepted[0].event_count == 8
     assert batch.state_writes[b"short"][0][0] == STATE_VERSION and counter._value.get() == before + 1
+
+
+def _advance_by_concatenation(state, event, partition, offset, committed):
+    """advance() as first written (two concatenations and a slice): the reference its
+    preallocating form must equal, row for row and offset for offset."""
+    if state is None:
+        state = SessionState.new(partition, WINDOW)
+    rows = np.concatenate([state.rows, append_event(state.rows[-1:], event, ARTEFACTS)[-1:]])
+    offsets = np.append(state.offsets, np.int64(offset))
+    keep = kept_rows(offsets, WINDOW, committed)
+    return rows[len(rows) - keep:], offsets[len(offsets) - keep:]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["view", "addtocart", "transaction"]), st.integers(0, 5_000),
+                          st.one_of(st.none(), st.floats(0, 1e4, allow_nan=False))), min_size=1, max_size=260),
+       st.one_of(st.none(), st.integers(-1, 300)))
+def test_advance_equals_the_concatenating_reference(steps, committed):
+    state, ts = None, T0
+    for offset, (kind, gap_ms, price) in enumerate(steps):
+        ts += gap_ms
+        event = ClickEvent("s1", kind, f"i{offset % 7}", ts, category_id="x", price=price)
+        want_rows, want_offsets = _advance_by_concatenation(state, event, 2, offset, committed)
+        state = advance(state, event, ARTEFACTS, 2, offset, 10 * HOUR, lambda _p: committed)
+        assert state.rows.tobytes() == want_rows.tobytes()
+        assert np.array_equal(state.offsets, want_offsets)
