@@ -599,6 +599,17 @@ def neighbour_table(frame, splits, artefacts, params: NeighbourTableParams) -> t
                                artefacts.n_items, params)
 
 
+def valid_next_batches(valid_ex: Examples, device: torch.device, batch_size: int):
+    """Valid windows in batches of similar length, with their next-item mask (B, W') and
+    model inputs; batches without a next-item target are skipped (the mixture fits)."""
+    order = np.argsort(valid_ex.window_length, kind="stable")
+    for i in range(0, len(order), batch_size):
+        batch = to_tensors(valid_ex.batch(order[i:i + batch_size]), device)
+        mask = batch["next_target"] != IGNORE                             # (B, W')
+        if mask.any():
+            yield batch, mask, tuple(batch[name] for name in MODEL_INPUTS)
+
+
 @torch.no_grad()
 def fit_neighbour_mix(model, config, valid_ex: Examples, device: torch.device, batch_size: int,
                       grid=NEIGHBOUR_MIX_GRID) -> dict:
@@ -607,13 +618,7 @@ def fit_neighbour_mix(model, config, valid_ex: Examples, device: torch.device, b
     graphs carry it. The table must be loaded (model.neighbours.load_table)."""
     model.eval()
     ranks: dict[float, list] = {a: [] for a in grid}
-    order = np.argsort(valid_ex.window_length, kind="stable")
-    for i in range(0, len(order), batch_size):
-        batch = to_tensors(valid_ex.batch(order[i:i + batch_size]), device)
-        mask = batch["next_target"] != IGNORE                             # (B, W')
-        if not mask.any():
-            continue
-        inputs = tuple(batch[name] for name in MODEL_INPUTS)
+    for batch, mask, inputs in valid_next_batches(valid_ex, device, batch_size):
         hidden = model.encode(*inputs)                                    # (B, W', H), once for the grid
         target = batch["next_target"][mask].cpu().numpy()                 # (Q,)
         for a in grid:
@@ -920,13 +925,7 @@ def fit_session_mix(model, config, valid_ex: Examples, device: torch.device, bat
     model.eval()
     config.session_mix = 0.0
     ranks: dict[float, list] = {b: [] for b in grid}
-    order = np.argsort(valid_ex.window_length, kind="stable")
-    for i in range(0, len(order), batch_size):
-        batch = to_tensors(valid_ex.batch(order[i:i + batch_size]), device)
-        mask = batch["next_target"] != IGNORE                             # (B, W')
-        if not mask.any():
-            continue
-        inputs = tuple(batch[name] for name in MODEL_INPUTS)
+    for batch, mask, inputs in valid_next_batches(valid_ex, device, batch_size):
         _, scores = model.outputs_masked(model.encode(*inputs), inputs, mask)   # (Q, n_items) without
         log_p = torch.log_softmax(scores, dim=-1)
         recent = recent_per_position(batch["item"], config.session_window)[mask]   # (Q, K)
