@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-wait-s", type=float, default=0.01)
     parser.add_argument("--batch-linger-s", type=float, default=0.01, help="worker --batch-linger-s")
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--batch-sends", default="false", choices=("true", "false"),
+    parser.add_argument("--batch-sends", default="true", choices=("true", "false"),
                         help="worker --batch-sends (one producer batch per topic-partition, or one send per output)")
     parser.add_argument("--passthrough-worker", nargs=4, metavar=("BROKER", "SOURCE", "SINK", "PORT"),
                         help=argparse.SUPPRESS)

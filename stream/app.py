@@ -139,6 +139,7 @@ class InFlight:
                                           #     perf_counter when inference started, when it ended)
     started: float                        # perf_counter when the batch was begun
     evictions: int = 0                    # WorkerState.evictions when it was begun
+    committed_before: Sequence[Any] = ()  # re-delivered below the committed offset: only acked
 
 
 async def eager_take(stream: Any, max_events: int, within_s: float, linger_s: float = 0.0,
@@ -311,8 +312,19 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
     gap_memory = offsets.GapMemory()
     order_guard = offsets.OrderGuard()
 
+    def committed_or_unknown(partition: int):
+        return offsets.committed_in(app.consumer, TP(settings.input_topic, partition))
+
     def committed_offset(partition: int) -> int | None:
-        return app.consumer._committed_offset.get(TP(settings.input_topic, partition))
+        # The replay margin: unknown counts as nothing committed (every row is kept).
+        committed = committed_or_unknown(partition)
+        return None if committed is offsets.UNKNOWN else committed
+
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(sender, revoked, **kwargs) -> None:
+        mine = [tp for tp in revoked if tp.topic == settings.input_topic]
+        offsets.forget_committed(app.consumer, mine)
+        order_guard.forget(tp.partition for tp in mine)
     info = scorer.info
     timeout_ms = int(settings.session_timeout_s * 1000)
     topics = pipeline.Topics(settings.scores_topic, settings.next_items_topic, settings.dlq_topic,
@@ -350,14 +362,19 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         # Records past a hole (Faust dropped fetched records before us) wait for the hole
         # to be re-read: scored out of order, they would skip an event of their session.
         records = [pipeline.Record.of(ev.message) for ev in events]
-        keep, seek = offsets.split_in_order(records, committed_offset, order_guard, time.monotonic())
-        for partition, offset in seek.items():
-            log.warning("partition %d: records before offset %d... never reached the agent; holding later "
-                        "ones and seeking back to %d", partition, offset, offset)
+        order = offsets.split_in_order(records, committed_or_unknown, order_guard, time.monotonic())
+        for partition, offset in order.seek.items():
+            log.warning("partition %d: records before offset %d... never reached the agent (or its committed "
+                        "offset is not known yet); holding later ones and seeking back to %d",
+                        partition, offset, offset)
             asyncio.ensure_future(app.consumer.seek(TP(settings.input_topic, partition), offset))
-        if len(keep) < len(records):
-            events = [events[i] for i in keep]
-            records = [records[i] for i in keep]
+        # Below the committed offset: scored and delivered before the commit; acked with this batch.
+        done_before = [events[i] for i in order.committed]
+        if done_before:
+            metrics.REDELIVERED_COMMITTED.inc(len(done_before))
+        if len(order.keep) < len(records):
+            events = [events[i] for i in order.keep]
+            records = [records[i] for i in order.keep]
         consumed.inc(len(events))
         worker.processed += len(events)
         try:
@@ -380,7 +397,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         # the order they were begun, so a session's events are scored in order.
         scoring = asyncio.get_running_loop().run_in_executor(executor, timed_score, batch)
         stage["prepare"].observe(time.perf_counter() - started)
-        return InFlight(events, records, batch, scoring, started, worker.evictions)
+        return InFlight(events, records, batch, scoring, started, worker.evictions, done_before)
 
     def whole_batch_failed(records: list, exc: Exception, where: str) -> pipeline.Batch:
         detail = pipeline.internal_error(exc, where)
@@ -518,7 +535,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
             except BaseException as exc:
                 fail(exc)
             if delivered:
-                for event in flight.events:
+                for event in (*flight.events, *flight.committed_before):
                     await stream.ack(event)
             in_flight.task_done()
 

@@ -74,6 +74,10 @@ SESSION_STATE_BYTES = Gauge(
 STATE_MIGRATIONS = Counter(
     "clickscore_state_migrations", "session states stored by an older state layout and converted "
     "on read (stream/session_state.py), by the version they had", ["from_version"], registry=REGISTRY)
+REDELIVERED_COMMITTED = Counter(
+    "clickscore_redelivered_committed", "input records fetched again below the partition's committed "
+    "offset (after a seek or rebalance): already scored and delivered, acked without scoring",
+    registry=REGISTRY)
 TRIGGERS_FIRED = Counter(
     "clickscore_triggers_fired", "marketing triggers fired, by rule", ["rule"], registry=REGISTRY)
 BUY_PROBABILITY = Histogram(

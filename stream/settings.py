@@ -119,11 +119,10 @@ class Settings:
     log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))
     # stream/kafka_compat.py batch_sender. On: 18% less event-loop CPU per event (367 vs 448 us,
     # bench.stream, five alternating pairs on the loaded 2-core machine; docs/operations.md,
-    # "Where the latency goes"). Off by default for now: in one full-suite run the rebalance
-    # and restart test (tests/test_worker.py, dilated) dead-lettered 4 re-delivered events as
-    # redelivered_unscorable with it on; 3 isolated reruns passed and no cause is known yet,
-    # so the path every earlier CI run proved stays the default until it is understood.
-    batch_sends: bool = _setting(False, "send a micro-batch's outputs as one producer batch per "
+    # "Where the latency goes"). It was off for a day: a rebalance test dead-lettered 4
+    # re-delivered events with it on; the cause was the in-order guard seeking to offset 0
+    # before Faust knew the committed offsets (stream/offsets.py UNKNOWN), not the sends.
+    batch_sends: bool = _setting(True, "send a micro-batch's outputs as one producer batch per "
                                  "topic-partition (false: one send per output)")
     # -- model-state cache and registry (stream/model_cache.py, stream/registry.py) ----------
     model_cache_bytes: int = _setting(256 << 20, "bytes of per-session model state kept in memory for "

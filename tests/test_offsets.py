@@ -33,7 +33,7 @@ class ConsumerState:
             self._acked_index[tp].add(o)
 
 
-def test_a_hole_after_the_committed_offset_is_sought_once_then_accepted():
+def test_a_hole_after_the_committed_offset_is_sought_again_then_accepted():
     tp, other = TP("clicks", 0), TP("clicks", 1)
     consumer = ConsumerState([tp, other, TP("elsewhere", 0)], {tp: 10, other: 5})
     consumer.ack(tp, 12, 13, 14)          # 10 and 11 never reached the agent
@@ -42,12 +42,13 @@ def test_a_hole_after_the_committed_offset_is_sought_once_then_accepted():
     run = lambda: asyncio.run(offsets.heal_head_gaps(consumer, "clicks", memory))  # noqa: E731
     assert offsets.head_gap(consumer, tp) == (10, 12) and offsets.head_gap(consumer, other) is None
     assert run() == [] and consumer.seeks == []           # first sighting: wait one interval
-    actions = run()
-    assert consumer.seeks == [(0, 10)] and "sought back" in actions[0]
-    assert run() == []                                    # re-read under way: seen afresh
-    actions = run()                                       # still missing after the re-read
-    assert "accepted as a gap" in actions[0]
-    assert sorted(consumer._acked[tp]) == [10, 11, 12, 13, 14] and consumer.seeks == [(0, 10)]
+    for attempt in range(1, offsets.SEEK_ATTEMPTS + 1):
+        actions = run()
+        assert consumer.seeks == [(0, 10)] * attempt and "sought back" in actions[0]
+        assert run() == []                                # re-read under way: seen afresh
+    actions = run()                                       # still missing after every re-read
+    assert "accepted as a gap" in actions[0] and memory.attempts == {}
+    assert sorted(consumer._acked[tp]) == [10, 11, 12, 13, 14] and len(consumer.seeks) == offsets.SEEK_ATTEMPTS
 
 
 def test_a_hole_filled_by_the_re_read_is_forgotten():
@@ -96,28 +97,111 @@ def test_before_the_first_commit_the_partition_start_counts_as_committed():
     assert offsets.start_offset(-1) == offsets.start_offset(None) == 0 and offsets.start_offset(7) == 7
 
 
-def test_records_past_a_hole_wait_for_it_and_a_lasting_hole_is_accepted():
+def _recs(*pairs):
     from stream.pipeline import Record
+    return [Record("clicks", p, o, b"k", b"v") for p, o in pairs]
 
-    def recs(*pairs):
-        return [Record("clicks", p, o, b"k", b"v") for p, o in pairs]
 
+def _split(pairs, committed, guard, now):
+    out = offsets.split_in_order(_recs(*pairs), committed.get, guard, now)
+    return out.keep, out.seek
+
+
+def test_records_past_a_hole_wait_for_it_and_a_lasting_hole_is_accepted():
     guard = offsets.OrderGuard()
     committed = {0: 10, 1: None}
-    keep, seek = offsets.split_in_order(recs((0, 10), (1, 0), (0, 11), (1, 1)), committed.get, guard, 0.0)
+    keep, seek = _split([(0, 10), (1, 0), (0, 11), (1, 1)], committed, guard, 0.0)
     assert keep == [0, 1, 2, 3] and seek == {}
     # 12 and 13 of partition 0 never arrived: 14 and what follows wait, the partition is sought back.
-    keep, seek = offsets.split_in_order(recs((0, 14), (1, 2), (0, 15)), committed.get, guard, 1.0)
+    keep, seek = _split([(0, 14), (1, 2), (0, 15)], committed, guard, 1.0)
     assert keep == [1] and seek == {0: 12}
-    keep, seek = offsets.split_in_order(recs((0, 14)), committed.get, guard, 2.0)    # pre-seek leftovers
+    keep, seek = _split([(0, 14)], committed, guard, 2.0)    # pre-seek leftovers
     assert keep == [] and seek == {}
-    keep, seek = offsets.split_in_order(recs((0, 12), (0, 13), (0, 14)), committed.get, guard, 3.0)
+    keep, seek = _split([(0, 12), (0, 13), (0, 14)], committed, guard, 3.0)
     assert keep == [0, 1, 2] and guard.sought == {}
-    # A re-delivery below the expected offset is scored (replayed from the state).
-    keep, _ = offsets.split_in_order(recs((0, 11)), committed.get, guard, 4.0)
+    # A re-delivery from the committed offset on is scored (replayed from the state).
+    keep, _ = _split([(0, 11)], committed, guard, 4.0)
     assert keep == [0]
-    # A hole that is still there after the patience is a real gap (a transaction marker).
-    keep, seek = offsets.split_in_order(recs((0, 20)), committed.get, guard, 5.0)
+    # A hole still there after each seek's patience is sought again (a fetch from before
+    # the seek can make Faust drop the re-read records), then accepted as a real gap.
+    keep, seek = _split([(0, 20)], committed, guard, 5.0)
     assert keep == [] and seek == {0: 15}
-    keep, seek = offsets.split_in_order(recs((0, 20)), committed.get, guard, 5.0 + offsets.SEEK_PATIENCE_S + 1)
-    assert keep == [0] and guard.next_offset[0] == 21
+    now = 5.0
+    for _ in range(offsets.SEEK_ATTEMPTS - 1):
+        now += offsets.SEEK_PATIENCE_S + 1
+        keep, seek = _split([(0, 20)], committed, guard, now)
+        assert keep == [] and seek == {0: 15}
+    keep, seek = _split([(0, 20)], committed, guard, now + offsets.SEEK_PATIENCE_S + 1)
+    assert keep == [0] and seek == {} and guard.next_offset[0] == 21 and guard.attempts == {}
+
+
+def test_a_hole_filled_by_a_later_seek_is_scored_in_order():
+    guard = offsets.OrderGuard()
+    committed = {0: 10}
+    _split([(0, 10), (0, 11)], committed, guard, 0.0)
+    keep, seek = _split([(0, 15)], committed, guard, 1.0)
+    assert seek == {0: 12}
+    keep, seek = _split([(0, 16)], committed, guard, 1.0 + offsets.SEEK_PATIENCE_S + 1)
+    assert keep == [] and seek == {0: 12}          # the first re-read never came: seek again
+    keep, seek = _split([(0, 12), (0, 13), (0, 14), (0, 15)], committed, guard, 8.0)
+    assert keep == [0, 1, 2, 3] and seek == {} and guard.attempts == {} and guard.next_offset[0] == 16
+
+
+def test_records_below_the_committed_offset_are_acked_not_scored():
+    # Their outputs were delivered before the commit; a replay of them could only repeat
+    # them, or dead-letter them when their rows have left the state.
+    guard = offsets.OrderGuard()
+    out = offsets.split_in_order(_recs((0, 3), (0, 4), (0, 5), (1, 0)), {0: 5, 1: None}.get, guard, 0.0)
+    assert out.committed == [0, 1] and out.keep == [2, 3] and out.seek == {}
+
+
+def test_an_unknown_committed_offset_holds_records_and_never_seeks_to_the_start():
+    # Just assigned: Faust's fetcher hands over records before it has stored the committed
+    # offsets. Seeking to 0 then re-read the whole partition (seen in the worker logs).
+    guard = offsets.OrderGuard()
+    committed = {0: offsets.UNKNOWN}
+    keep, seek = _split([(0, 553), (0, 554)], committed, guard, 0.0)
+    assert keep == [] and seek == {0: 553}
+    keep, seek = _split([(0, 553)], committed, guard, 1.0)       # still unknown: held, no new seek
+    assert keep == [] and seek == {}
+    committed[0] = 553                                          # known now: scored from there
+    keep, seek = _split([(0, 553), (0, 554)], committed, guard, 2.0)
+    assert keep == [0, 1] and seek == {} and guard.sought == {}
+    # Known and below what was fetched: sought back to the committed offset, not to 0.
+    guard2 = offsets.OrderGuard()
+    keep, seek = _split([(0, 600)], {0: offsets.UNKNOWN}, guard2, 0.0)
+    assert seek == {0: 600}
+    keep, seek = _split([(0, 600)], {0: 553}, guard2, 1.0)
+    assert keep == [] and seek == {0: 553}
+    # Unknown for longer than the patience: scored from the first record seen.
+    guard3 = offsets.OrderGuard()
+    _split([(0, 40)], {0: offsets.UNKNOWN}, guard3, 0.0)
+    keep, seek = _split([(0, 40), (0, 41)], {0: offsets.UNKNOWN}, guard3, offsets.SEEK_PATIENCE_S + 1)
+    assert keep == [0, 1] and guard3.next_offset[0] == 42
+
+
+def test_a_revoked_partition_is_forgotten():
+    # What this worker scored before losing a partition says nothing about where it
+    # resumes: another worker may have scored and committed past it, or not as far.
+    guard = offsets.OrderGuard()
+    _split([(0, 0), (0, 1), (1, 0)], {0: None, 1: None}, guard, 0.0)
+    _split([(0, 9)], {0: None}, guard, 1.0)
+    assert guard.next_offset == {0: 2, 1: 1} and 0 in guard.sought
+    guard.forget([0])
+    assert guard.next_offset == {1: 1} and guard.sought == {}
+
+
+class _Consumer:
+    def __init__(self):
+        self._committed_offset = {}
+
+
+def test_committed_offsets_are_unknown_from_assignment_until_the_seek():
+    consumer, tp = _Consumer(), ("clicks", 0)
+    consumer._committed_offset[tp] = None          # Faust's defaultdict fills this in on any read
+    assert offsets.committed_in(consumer, tp) is offsets.UNKNOWN
+    consumer._clickscore_known = {tp}               # what install()'s perform_seek wrapper records
+    consumer._committed_offset[tp] = 553
+    assert offsets.committed_in(consumer, tp) == 553
+    offsets.forget_committed(consumer, [tp])
+    assert offsets.committed_in(consumer, tp) is offsets.UNKNOWN
