@@ -246,3 +246,27 @@ def test_choose_stack_picks_by_valid_auc(aucs, want_mode, want_kept):
     mode, blend, kept = choose_stack(figures, (0.8, 0.4, 0.5), (1.1, -0.2))
     assert (mode, kept) == (want_mode, want_kept)
     assert blend == ((1.1, 0.0, -0.2) if mode == "gbm" else (0.8, 0.4, 0.5))
+
+
+def test_oof_valid_fold_windows_never_hold_the_held_out_sessions_and_line_up_with_the_feature_rows():
+    """bench/oof_valid.py: fold k's GRU trains on windows of sessions outside fold k, and the
+    out-of-fold logits computed on fold k's windows land on exactly those windows' feature rows."""
+    from bench.oof_valid import prefix_counts, subset_windows, window_folds
+
+    events = hand_made_log()
+    artefacts = fit_artefacts(events, 1)
+    examples = build_examples(events, "train", artefacts)
+    session, item, buys = example_events(examples)
+    pop, rate, fold = item_tables(session, item, buys, artefacts.n_items, folds=3, seed=2)
+    norm = norm_of(artefacts)
+    x, _ = examples_features(examples, pop, rate, norm, fold)
+    wfold = window_folds(examples, fold)
+    prefix_fold = np.repeat(wfold, prefix_counts(examples))                       # (P,)
+    assert len(prefix_fold) == len(x) and len(np.unique(wfold)) >= 2
+    for k in np.unique(wfold):
+        trained_on = subset_windows(examples, wfold != k)
+        seen = set(session[trained_on.window_start].tolist())
+        assert seen and not seen & set(np.flatnonzero(fold == k).tolist())     # never a fold-k session
+        held = subset_windows(examples, wfold == k)
+        got, _ = examples_features(held, pop, rate, norm, fold)
+        np.testing.assert_array_equal(got, x[prefix_fold == k])               # same rows, same order
