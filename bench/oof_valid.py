@@ -2,8 +2,8 @@
 out-of-fold GRU buy logit as one more column of the in-graph GBM, measured on the VALID
 split of a `--fit-on train` checkpoint, never reading test.
 
-    nice -n 19 .venv/bin/python -m bench.oof_valid --checkpoint ../main/runs/yb-tv/held-out \
-        --data ../main/data/yoochoose-buys --out runs/oof-yb
+    nice -n 19 .venv/bin/python -m bench.oof_valid --checkpoint runs/yb-tv/held-out \
+        --data data/yoochoose-buys --out runs/oof-yb
 
 The TRAIN sessions are split into the stack's session folds (stack.item_tables' `fold`,
 STACK_FOLDS = 5, or --folds K); for each fold a GRU with the checkpoint's arguments is
