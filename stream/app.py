@@ -320,6 +320,9 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         committed = committed_or_unknown(partition)
         return None if committed is offsets.UNKNOWN else committed
 
+    def absent_in_log(partition: int, start: int, end: int) -> bool:
+        return offsets.ABSENT.covers(settings.input_topic, partition, start, end)
+
     @app.on_partitions_revoked.connect
     async def forget_revoked(sender, revoked, **kwargs) -> None:
         mine = [tp for tp in revoked if tp.topic == settings.input_topic]
@@ -362,7 +365,10 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         # Records past a hole (Faust dropped fetched records before us) wait for the hole
         # to be re-read: scored out of order, they would skip an event of their session.
         records = [pipeline.Record.of(ev.message) for ev in events]
-        order = offsets.split_in_order(records, committed_or_unknown, order_guard, time.monotonic())
+        order = offsets.split_in_order(records, committed_or_unknown, order_guard, time.monotonic(),
+                                       absent_in_log)
+        for partition, start, end in order.gaps:    # e.g. transaction markers: nothing to score there
+            offsets.ack_absent(app.consumer, TP(settings.input_topic, partition), start, end)
         for partition, offset in order.seek.items():
             log.warning("partition %d: records before offset %d... never reached the agent (or its committed "
                         "offset is not known yet); holding later ones and seeking back to %d",

@@ -137,15 +137,34 @@ class _LastBatch:
         return getattr(self._records, name)
 
 
+_on_unreadable: Callable[[UnreadableBatch], None] | None = None
+
+
+def wraps_with(function: Any, marker: str) -> bool:
+    """Whether `marker` is set on `function` or on any layer below it (`__wrapped__`):
+    aiokafka's PartitionRecords._unpack_records carries several wrappers (this module's
+    codec guard, stream/offsets.py's absent-offset recorder), each installed once."""
+    while function is not None:
+        if getattr(function, marker, False):
+            return True
+        function = getattr(function, "__wrapped__", None)
+    return False
+
+
 def guard_fetcher(on_unreadable: Callable[[UnreadableBatch], None]) -> None:
     """Wrap aiokafka's PartitionRecords so a batch it cannot decompress raises
     UnsupportedCodecError naming codec, topic, partition and offset, after calling
-    `on_unreadable` with them. Idempotent (the latest handler wins)."""
+    `on_unreadable` with them. Idempotent (the latest handler wins); keeps the wrappers
+    others put there."""
     from aiokafka.consumer.fetcher import PartitionRecords
     from aiokafka.errors import KafkaError
 
+    global _on_unreadable
+    _on_unreadable = on_unreadable
+    if wraps_with(PartitionRecords._unpack_records, "_clickscore_codec_guard"):
+        return
     unsupported = _unsupported_codec_error()
-    original = getattr(PartitionRecords._unpack_records, "__wrapped__", PartitionRecords._unpack_records)
+    original = PartitionRecords._unpack_records
 
     def _unpack_records(self):
         tracker = _LastBatch(self._records)
@@ -164,10 +183,12 @@ def guard_fetcher(on_unreadable: Callable[[UnreadableBatch], None]) -> None:
             offset = getattr(batch, "base_offset", self.next_fetch_offset)
             unreadable = UnreadableBatch(self._tp.topic, self._tp.partition, offset,
                                          codec_id, f"{type(exc).__name__}: {exc}")
-            on_unreadable(unreadable)
+            if _on_unreadable is not None:
+                _on_unreadable(unreadable)
             raise unsupported(unreadable.message()) from exc
 
     _unpack_records.__wrapped__ = original
+    _unpack_records._clickscore_codec_guard = True
     PartitionRecords._unpack_records = _unpack_records
 
 

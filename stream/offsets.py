@@ -25,8 +25,9 @@ would have done.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("clickscore.offsets")
 
@@ -68,6 +69,95 @@ def install(input_topic: str) -> None:
     Consumer.perform_seek = _perform_seek
     Consumer._clickscore_guarded = True
 
+    from aiokafka.consumer.fetcher import PartitionRecords
+
+    from stream.kafka_compat import wraps_with
+    if not wraps_with(PartitionRecords._unpack_records, "_clickscore_absent"):
+        PartitionRecords._unpack_records = _record_absent(PartitionRecords._unpack_records)
+
+
+def ack_absent(consumer: Any, tp: Any, start: int, end: int) -> None:
+    """Count offsets the log has no record for as acked, so Faust's commit moves past them
+    (what its own `_add_gap` did for every jump, verified ones only here)."""
+    committed = start_offset(consumer._committed_offset.get(tp))
+    index = consumer._acked_index[tp]
+    missing = [o for o in range(max(start, committed), end) if o not in index]
+    consumer._acked[tp].extend(missing)
+    index.update(missing)
+
+
+# -- offsets the log itself skips (transaction markers, aborted or compacted records) ----------
+
+class AbsentOffsets:
+    """Offset ranges [a, b) of the guarded input partitions that aiokafka's fetcher moved
+    past without a record to hand over: the log has nothing deliverable there (a
+    transaction's commit marker after every transaction of a transactional producer, an
+    aborted batch under read_committed, a compacted record). Filled by the fetcher's
+    thread (`install` wraps aiokafka's PartitionRecords), read by the agent's in-order
+    guard and the commit watchdog on the event loop: a hole these ranges cover is a real
+    gap, accepted at once, where a hole they do not cover means records were dropped after
+    the fetch (Faust) and must be fetched again. Without it every marker held its
+    partition for SEEK_ATTEMPTS x SEEK_PATIENCE_S."""
+
+    KEEP = 4096    # ranges kept per partition (oldest out): far more than a fetch can leave pending
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ranges: dict[tuple[str, int], list[tuple[int, int]]] = {}
+
+    def add(self, topic: str, partition: int, start: int, end: int) -> None:
+        if end <= start:
+            return
+        with self._lock:
+            ranges = self._ranges.setdefault((topic, partition), [])
+            ranges.append((start, end))
+            if len(ranges) > self.KEEP:
+                del ranges[: len(ranges) - self.KEEP]
+
+    def covers(self, topic: str, partition: int, start: int, end: int) -> bool:
+        """Whether every offset in [start, end) lies in a recorded range."""
+        if end <= start:
+            return True
+        with self._lock:
+            ranges = sorted(self._ranges.get((topic, partition), ()))
+        at = start
+        for a, b in ranges:          # by start: once one starts past `at`, `at` is uncovered
+            if a > at:
+                break
+            if b > at:
+                at = b
+                if at >= end:
+                    return True
+        return at >= end
+
+    def clear(self) -> None:
+        with self._lock:
+            self._ranges.clear()
+
+
+ABSENT = AbsentOffsets()
+
+
+def _record_absent(unpack):
+    """Wrap aiokafka's PartitionRecords._unpack_records: note [expected, offset) before each
+    record handed over past the next expected offset, and the tail the fetcher moved past
+    after the last one, for the guarded topics."""
+    def wrapped(self):
+        tp = self._tp
+        if tp.topic not in _guarded_topics:
+            yield from unpack(self)
+            return
+        expected = self.next_fetch_offset            # the fetch offset, before any batch is read
+        for record in unpack(self):
+            if record.offset > expected:
+                ABSENT.add(tp.topic, tp.partition, expected, record.offset)
+            expected = record.offset + 1
+            yield record
+        ABSENT.add(tp.topic, tp.partition, expected, self.next_fetch_offset)
+    wrapped.__wrapped__ = unpack
+    wrapped._clickscore_absent = True
+    return wrapped
+
 
 def start_offset(committed: int | None) -> int:
     """The first offset the agent must ack: the committed one, or the partition's start
@@ -108,6 +198,10 @@ async def heal_head_gaps(consumer: Any, input_topic: str, memory: GapMemory) -> 
             memory.seen.pop(tp.partition, None)
             continue
         committed, first = gap
+        if ABSENT.covers(tp.topic, tp.partition, committed, first):
+            ack_absent(consumer, tp, committed, first)     # the log has nothing there (markers)
+            memory.seen.pop(tp.partition, None)
+            continue
         if memory.seen.get(tp.partition) != committed:
             memory.seen[tp.partition] = committed    # first sighting: give it one more interval
             continue
@@ -193,9 +287,11 @@ class InOrder:
     keep: list[int] = field(default_factory=list)
     committed: list[int] = field(default_factory=list)
     seek: dict[int, int] = field(default_factory=dict)
+    gaps: list[tuple[int, int, int]] = field(default_factory=list)   # (partition, start, end) skipped by the log
 
 
-def split_in_order(records: list, committed_of, guard: OrderGuard, now: float) -> InOrder:
+def split_in_order(records: list, committed_of, guard: OrderGuard, now: float,
+                   absent: Callable[[int, int, int], bool] | None = None) -> InOrder:
     """Which records to score now, which are already done, where to seek.
 
     A record whose offset is past the next expected one (the larger of what this worker
@@ -207,7 +303,10 @@ def split_in_order(records: list, committed_of, guard: OrderGuard, now: float) -
     the state). A hole still there SEEK_PATIENCE_S after each of SEEK_ATTEMPTS seeks is a
     real gap in the log and is accepted. While the committed offset is UNKNOWN (just assigned) and this
     worker has scored nothing on the partition, its records are held and fetched again
-    from the first of them; after SEEK_PATIENCE_S they are scored from there."""
+    from the first of them; after SEEK_PATIENCE_S they are scored from there.
+    `absent(partition, start, end)` (AbsentOffsets.covers) says whether the log itself has
+    no record in [start, end): such a hole (a transaction marker) is passed at once and
+    reported in `gaps` (for ack_absent)."""
     out = InOrder()
     held: set[int] = set()
     for index, record in enumerate(records):
@@ -234,6 +333,9 @@ def split_in_order(records: list, committed_of, guard: OrderGuard, now: float) -
             out.committed.append(index)
             continue
         expected = max(guard.next_offset.get(partition, 0), start_offset(committed))
+        if record.offset > expected and absent is not None and absent(partition, expected, record.offset):
+            out.gaps.append((partition, expected, record.offset))
+            expected = record.offset
         if record.offset > expected:
             pending = guard.sought.get(partition)
             if pending is None or pending[0] != expected:

@@ -205,3 +205,84 @@ def test_committed_offsets_are_unknown_from_assignment_until_the_seek():
     assert offsets.committed_in(consumer, tp) == 553
     offsets.forget_committed(consumer, [tp])
     assert offsets.committed_in(consumer, tp) is offsets.UNKNOWN
+
+
+# -- offsets the log itself skips (transaction markers) ----------------------------------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+_ranges = st.lists(st.tuples(st.integers(0, 60), st.integers(0, 12)).map(lambda t: (t[0], t[0] + t[1])),
+                   max_size=12)
+
+
+@given(_ranges, st.integers(0, 80), st.integers(0, 20))
+def test_absent_offsets_cover_exactly_the_union_of_their_ranges(ranges, start, length):
+    absent = offsets.AbsentOffsets()
+    for a, b in ranges:
+        absent.add("clicks", 0, a, b)
+    union = {o for a, b in ranges for o in range(a, b)}
+    end = start + length
+    assert absent.covers("clicks", 0, start, end) == all(o in union for o in range(start, end))
+    assert absent.covers("clicks", 1, start, end) == (length == 0)   # another partition knows nothing
+
+
+def test_absent_offsets_keep_only_the_latest_ranges():
+    absent = offsets.AbsentOffsets()
+    for o in range(absent.KEEP + 10):
+        absent.add("clicks", 0, 2 * o, 2 * o + 1)
+    assert not absent.covers("clicks", 0, 0, 1)                       # the oldest went out
+    last = 2 * (absent.KEEP + 9)
+    assert absent.covers("clicks", 0, last, last + 1)
+
+
+def test_a_hole_the_log_skips_is_passed_at_once_and_reported_for_acking():
+    # A transactional producer's commit marker at offset 12: no record will ever come.
+    guard = offsets.OrderGuard()
+    committed = {0: 10}
+    marker = lambda partition, start, end: partition == 0 and (start, end) == (12, 13)  # noqa: E731
+    out = offsets.split_in_order(_recs((0, 10), (0, 11), (0, 13), (0, 14)), committed.get, guard, 0.0, marker)
+    assert out.keep == [0, 1, 2, 3] and out.seek == {} and out.gaps == [(0, 12, 13)]
+    # A hole the fetcher did hand over records for (dropped after the fetch) still waits.
+    out = offsets.split_in_order(_recs((0, 17)), committed.get, guard, 1.0, marker)
+    assert out.keep == [] and out.seek == {0: 15} and out.gaps == []
+
+
+def test_acking_absent_offsets_lets_the_commit_pass_them():
+    tp = TP("clicks", 0)
+    consumer = ConsumerState([tp], {tp: 10})
+    consumer.ack(tp, 10, 11, 13)
+    offsets.ack_absent(consumer, tp, 8, 13)                 # below the commit: ignored; 12: acked
+    assert sorted(consumer._acked[tp]) == [10, 11, 12, 13] and 12 in consumer._acked_index[tp]
+    assert offsets.head_gap(consumer, tp) is None
+
+
+def test_the_watchdog_accepts_a_head_hole_the_log_skips_without_seeking():
+    tp = TP("clicks", 0)
+    consumer = ConsumerState([tp], {tp: 10})
+    consumer.ack(tp, 11, 12)
+    offsets.ABSENT.add("clicks", 0, 10, 11)
+    try:
+        asyncio.run(offsets.heal_head_gaps(consumer, "clicks", offsets.GapMemory()))
+    finally:
+        offsets.ABSENT.clear()
+    assert consumer.seeks == [] and sorted(consumer._acked[tp]) == [10, 11, 12]
+
+
+def test_the_absent_recorder_and_the_codec_guard_both_stay_on_the_fetcher(monkeypatch):
+    # Both wrap aiokafka's PartitionRecords._unpack_records; the codec guard once replaced
+    # the recorder (it unwrapped to the original), so no marker was ever known in the worker.
+    from aiokafka.consumer.fetcher import PartitionRecords
+
+    from stream.kafka_compat import guard_fetcher, wraps_with
+
+    monkeypatch.setattr(PartitionRecords, "_unpack_records", PartitionRecords._unpack_records)
+    for _ in range(2):                      # build_app's order, twice (idempotent)
+        offsets.install("clicks")
+        guard_fetcher(lambda unreadable: None)
+    layers, fn = [], PartitionRecords._unpack_records
+    while fn is not None:
+        layers.append(fn)
+        fn = getattr(fn, "__wrapped__", None)
+    assert sum(getattr(f, "_clickscore_absent", False) for f in layers) == 1
+    assert sum(getattr(f, "_clickscore_codec_guard", False) for f in layers) == 1
+    assert wraps_with(PartitionRecords._unpack_records, "_clickscore_absent")
