@@ -262,3 +262,33 @@ def test_train_cli_options_fall_back_to_environment(monkeypatch):
     monkeypatch.setenv("CLICKSCORE_TRAIN_EPOCHS", "3")
     args = build_parser().parse_args(["train", "--data", "d", "--out", "o"])
     assert args.imbalance == "oversample" and args.epochs == 3 and args.model == "gru"
+
+
+@pytest.mark.parametrize("n_items,k", [(7, 5), (40, 20), (300, 100)])
+def test_in_graph_top_k_skips_padding_and_oov_and_breaks_ties_toward_the_lower_index(n_items, k):
+    # The serving top-k (export.add_top_k) on a graph whose next_item_scores is its input:
+    # padding and OOV score highest, and small integer scores make ties everywhere, also at
+    # the k-th place. Reference: real items sorted by score, then index.
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from stream.features import ITEM_OFFSET
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["scores"], ["next_item_scores"])], "top_k",
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", n_items])],
+        [helper.make_tensor_value_info("next_item_scores", TensorProto.FLOAT, ["batch", n_items])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    got_k = export_module.add_top_k(model, k_max=k)
+    assert got_k == min(k, n_items - ITEM_OFFSET)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(n_items)
+    scores = rng.integers(0, 4, (64, n_items)).astype(np.float32)
+    scores[:, :ITEM_OFFSET] = 10.0                      # padding and OOV on top: never chosen
+    scores[1] = 0.0                                     # one row all tied
+    items, top = session.run(["top_items", "top_scores"], {"scores": scores})
+    for row in range(len(scores)):
+        real = np.arange(ITEM_OFFSET, n_items)
+        order = real[np.lexsort((real, -scores[row, real]))][:got_k]
+        assert items[row].tolist() == order.tolist()
+        np.testing.assert_array_equal(top[row], scores[row, order])

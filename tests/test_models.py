@@ -329,6 +329,12 @@ def assert_causal_and_steps_exactly(model, extra):
                 torch.testing.assert_close(outputs[1], nxt[:, step], rtol=0, atol=1e-5)
                 for a, b in zip(outputs[2:], state):
                     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        # one batch of different lengths (the worker's case): each row as forward() at its own position
+        lengths = torch.tensor([1, 37, WINDOW])
+        mixed = model.score_last(*inputs.values(), lengths)
+        rows = torch.arange(3)
+        torch.testing.assert_close(mixed[0], torch.sigmoid(buy[rows, lengths - 1]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(mixed[1], nxt[rows, lengths - 1], rtol=0, atol=1e-5)
         empty = model.score_last(*inputs.values(), torch.zeros(3, dtype=torch.long))[2:]
         assert all(not s.any() for s in empty)                     # no event: the initial state
 

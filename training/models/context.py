@@ -142,19 +142,42 @@ class SessionContext(nn.Module):
             picked["attention"] = tensors["attention"][mask]                  # (Q, W_s)
         return picked
 
-    @staticmethod
-    def pick_last(tensors: dict, length):
-        """Export: position length-1 of each window -> dict of (B, ..) (gathers, ONNX-friendly)."""
-        last = (length - 1).clamp(min=0)
+    def last_tensors(self, hidden, item, event_type, dwell, price, length):
+        """Export: what window_tensors() and pick() give at position length-1 of each
+        window, (B, ..), computed for that position alone. The exported window graph needs
+        nothing else, and window_tensors' (B, W, W) attention logits and (B, W, W, 3) masked
+        copy for the running maxima were 44% of its time at batch 256 (onnxruntime profile,
+        issue 11). Here the attention row and the maxima are (B, W); the counts, means and
+        pooled state keep window_tensors' cumsums, so each value is computed the same way
+        (tests/test_models.py checks the result against forward() and the step graph)."""
+        B, W, _ = hidden.shape
+        pos = torch.arange(W, device=item.device)
+        last = (length - 1).clamp(min=0)                                      # (B,); empty window: position 0
 
         def at(x):                                                            # (B, W, D) -> (B, D)
             return x.gather(1, last.view(-1, 1, 1).expand(-1, 1, x.size(2))).squeeze(1)
 
-        picked = {"hidden": at(tensors["hidden"]), "totals": at(tensors["totals"]),
-                  "state_mean": at(tensors["state_mean"]), "item": tensors["item"]}
-        if "attention" in tensors:
-            picked["attention"] = at(tensors["attention"])
-        return picked
+        h = at(hidden)                                                        # (B, H)
+        out = {"hidden": h, "item": item}
+        upto = pos.view(1, W) <= last.view(-1, 1)                             # (B, W_s) s <= t
+        if self.repeat:
+            distance = (last.view(-1, 1) - pos.view(1, W)).clamp(min=0)      # (B, W_s) t - s
+            logits = self.recency[distance]                                   # (B, W_s)
+            if self.repeat_mode == "mixture":
+                keys = self.item_embedding(item)                              # (B, W, E)
+                logits = (keys @ self.query(h).unsqueeze(2)).squeeze(2) + logits
+            out["attention"] = logits.masked_fill(~(upto & (item != 0)), float("-inf"))
+        same = item.unsqueeze(2) == item.unsqueeze(1)                         # (B, W_s, W_r)
+        earlier = (pos.view(W, 1) > pos.view(1, W)).unsqueeze(0)              # r < s
+        first = 1.0 - (same & earlier).any(dim=2).to(hidden.dtype)            # (B, W)
+        counts = at(torch.cumsum(self._event_counts(event_type, first, dwell), dim=1))   # (B, N_COUNTS)
+        values = torch.stack([dwell, price, self._propensity(item, dwell)], dim=-1)  # (B, W, 3)
+        n = (pos + 1).to(hidden.dtype).view(1, W, 1)
+        means = at(torch.cumsum(values, dim=1) / n)                           # (B, 3)
+        maxima = torch.where(upto.unsqueeze(2), values, torch.zeros_like(values)).amax(dim=1)
+        out["totals"] = torch.cat([counts, means, maxima.clamp(min=0.0)], dim=-1)   # (B, N_TOTALS)
+        out["state_mean"] = at(torch.cumsum(hidden, dim=1) / n)               # (B, H)
+        return out
 
     def recent_after(self, item, length):
         """Window items (B, W) -> the step state's recent_items after position length-1:

@@ -222,8 +222,7 @@ class GRUModel(nn.Module):
             final = hidden.gather(1, last.view(-1, 1, 1).expand(-1, 1, hidden.size(2))).squeeze(1)   # (B, H)
             buy_logit, scores = self.heads.buy_logit(final), self.heads.next_item_logits(final)
             return torch.sigmoid(self.buy_output(buy_logit, features)), scores, *state, *stack_state
-        tensors = self.context.window_tensors(hidden, item, event_type, dwell, price)
-        picked = self.context.pick_last(tensors, length)
+        picked = self.context.last_tensors(hidden, item, event_type, dwell, price, length)
         recent = self.context.recent_after(item, length)                   # (B, W) newest last
         buy_logit, scores = self.context.outputs(picked, self.heads, knn=self.knn_of(recent))
         seen = (length > 0).to(hidden.dtype).view(-1, 1)                   # (B, 1): empty window, zero state
