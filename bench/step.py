@@ -11,7 +11,7 @@ weights: cost depends on shapes, not values) and times onnxruntime (CPU provider
 --threads intra-op threads) on one batch of B sessions at a time:
 
 - window_us: one window-graph run on B full 100-event windows, fetching what the worker
-  fetches (buy probability, in-graph top-k), per event (= per window) in microseconds;
+  fetches (buy probability, in-graph top-k of --top-k), per event (= per window) in microseconds;
 - step_us: one step-graph run on B events with their states (and the new states back);
 - speedup = window_us / step_us (medians; *_min_us and speedup_min: the fastest
   run, least disturbed on a shared machine); api_*_us: the same through
@@ -104,10 +104,12 @@ def measure(folder: Path, batch_sizes: list[int], threads: int, repeats: int, to
     for B in batch_sizes:
         windows = windows_all[:B]
         inputs = encode_windows(windows, scorer.artefacts)
-        window_feeds = {n: inputs[n] for n in INPUT_NAMES}
+        # k as the worker feeds it (graphs exported since 2026-12-03 take it; older ones rank top_k_max)
+        window_feeds = scorer._with_k(scorer.session, {n: inputs[n] for n in INPUT_NAMES}, top_k)
         _, states = scorer.score_windows_with_state(windows, top_k)
         rows = np.arange(B)
-        step_feeds = {n: inputs[n][rows, inputs["length"] - 1] for n in STEP_INPUT_NAMES} | scorer._unpack(states)
+        step_feeds = scorer._with_k(scorer.step_session, {n: inputs[n][rows, inputs["length"] - 1]
+                                                          for n in STEP_INPUT_NAMES} | scorer._unpack(states), top_k)
         window_s, window_min = timed(lambda: scorer.session.run(fetch, window_feeds), repeats)
         step_s, step_min = timed(lambda: scorer.step_session.run(fetch + state_outputs, step_feeds), repeats)
         api_window_s, _ = timed(lambda: scorer.score(windows, top_k), repeats)

@@ -60,6 +60,9 @@ OUTPUT_NAMES = ("buy_probability", "next_item_scores")
 # and scores leave the runtime when serving (padding and OOV masked, lower index first on
 # ties, k <= metadata top_k_max). Models exported before still load (top-k in numpy).
 TOP_K_OUTPUTS = ("top_items", "top_scores")
+# Exports since 2026-12-03 take k as an optional input (an initializer holding top_k_max
+# that a feed overrides): onnxruntime's TopK costs ~4x more per row for k=100 than for 20.
+TOP_K_INPUT = "top_k"
 # The step graph takes one event per session: the window inputs without `length`, each (B,).
 STEP_INPUT_NAMES = tuple(name for name in INPUT_NAMES if name != "length")
 STATE_METADATA = ("graph", "step_graph", "state_names", "state_shapes")
@@ -237,6 +240,7 @@ class ModelScorer:
             schema_version=int(meta["schema_version"]), provider=used, path=str(folder))
         outputs = {o.name for o in self.session.get_outputs()}
         self.top_k_max = int(meta["top_k_max"]) if set(TOP_K_OUTPUTS) <= outputs else 0
+        self._takes_k = {MODEL_FILE: _takes_k(self.session)}
         self.step_session = None
         self.state_shapes: dict[str, tuple[int, ...]] = {}
         step_path = folder / STEP_FILE
@@ -284,6 +288,7 @@ class ModelScorer:
             raise ModelError(f"{step_path.parent}: graphs disagree with their metadata: " + "; ".join(problems)
                              + "; re-export the folder with `clickscore export`")
         self._state_sizes = [int(np.prod(shape)) for shape in self.state_shapes.values()]
+        self._takes_k[STEP_FILE] = _takes_k(self.step_session)
 
     # -- running a graph ---------------------------------------------------------------
 
@@ -309,6 +314,10 @@ class ModelScorer:
             return session.run(list(names), dict(feeds))
         binding = session.io_binding()
         for name, value in feeds.items():
+            if name == TOP_K_INPUT:
+                # An IOBinding binds graph inputs only, not an overridable initializer: the
+                # graph ranks its own top_k_max and the caller keeps the first k.
+                continue
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in names:
             binding.bind_output(name, "cpu")
@@ -363,12 +372,19 @@ class ModelScorer:
                              f"{states.shape}")
         return states
 
+    def _with_k(self, session, feeds: Mapping[str, np.ndarray], top_k: int) -> Mapping[str, np.ndarray]:
+        """feeds, plus k for a graph that takes it, so its TopK ranks only the k asked for."""
+        graph = STEP_FILE if session is self.step_session else MODEL_FILE
+        if self._takes_k.get(graph):
+            return {**feeds, TOP_K_INPUT: np.array([top_k], dtype=np.int64)}
+        return feeds
+
     def _run(self, session, feeds: Mapping[str, np.ndarray], top_k: int) -> tuple[ScoreBatch, np.ndarray]:
         """One run of either graph -> (ScoreBatch, packed new state); fetches only (B, k) when it can."""
         state_outputs = [new_state_name(n) for n in self.state_shapes]
         if top_k <= self.top_k_max:
             buy, items, scores, *states = self._fetch(session, ["buy_probability", *TOP_K_OUTPUTS, *state_outputs],
-                                                      feeds)
+                                                      self._with_k(session, feeds, top_k))
             return ScoreBatch(buy, items[:, :top_k], scores[:, :top_k]), self._pack(states)
         buy, full, *states = self._fetch(session, ["buy_probability", "next_item_scores", *state_outputs], feeds)
         return ScoreBatch(buy, *top_k_items(full, top_k)), self._pack(states)
@@ -442,7 +458,7 @@ class ModelScorer:
         inputs = encode_windows(windows, self.artefacts)
         if top_k <= self.top_k_max:
             # (B,) and (B, k_max) leave the runtime, never the (B, n_items) matrix.
-            feeds = {name: inputs[name] for name in INPUT_NAMES}
+            feeds = self._with_k(self.session, {name: inputs[name] for name in INPUT_NAMES}, top_k)
             buy, items, scores = self._fetch(self.session, ["buy_probability", *TOP_K_OUTPUTS], feeds)
             return ScoreBatch(buy, items[:, :top_k], scores[:, :top_k])
         buy, scores = self.predict(inputs)
@@ -450,6 +466,12 @@ class ModelScorer:
 
     def item_ids(self, indices: np.ndarray) -> list[list[str]]:
         return [[self.artefacts.item_id(i) for i in row] for row in indices]
+
+
+def _takes_k(session) -> bool:
+    """True for a graph whose top-k reads k from the optional TOP_K_INPUT (an overridable
+    initializer: onnxruntime lists it there, not among the inputs)."""
+    return any(i.name == TOP_K_INPUT for i in session.get_overridable_initializers())
 
 
 def step_exact(windows: Sequence[np.ndarray], window: int = WINDOW) -> np.ndarray:

@@ -73,11 +73,23 @@ def test_exported_model_loads_scores_and_carries_metadata(trained, yoochoose, ki
     windows = [valid.rows[s:s + n] for s, n in zip(valid.window_start[:300], valid.window_length[:300])]
     from stream.features import encode_windows
     from stream.scoring import top_k_items
-    _, full = scorer.predict(encode_windows(windows, scorer.artefacts))
+    encoded = encode_windows(windows, scorer.artefacts)
+    _, full = scorer.predict(encoded)
     want_items, want_scores = top_k_items(full, 20)
     got = scorer.score(windows, top_k=20)
     assert np.abs(got.top_scores - want_scores).max() <= 1e-6
     assert (got.top_items == want_items).mean() > 0.99
+    # Both graphs take k as an input: the k asked for is what the graph ranks, and it is
+    # the head of the top_k_max ranking a caller that feeds no k gets.
+    assert scorer._takes_k == {"model.onnx": True, "model_step.onnx": True}
+    feeds = {name: encoded[name] for name in INPUT_NAMES}
+    _, items_max, scores_max = scorer.session.run(["buy_probability", "top_items", "top_scores"], feeds)
+    assert items_max.shape == (300, scorer.top_k_max)
+    _, items_5, scores_5 = scorer.session.run(["buy_probability", "top_items", "top_scores"],
+                                              feeds | {"top_k": np.array([5])})
+    assert items_5.shape == (300, 5)
+    np.testing.assert_array_equal(items_5, items_max[:, :5])
+    np.testing.assert_array_equal(scores_5, scores_max[:, :5])
     wide = scorer.score(windows[:3], top_k=scorer.top_k_max + 1)
     assert wide.top_items.shape == (3, scorer.top_k_max + 1)
     card = (folder / "model_card.md").read_text()
@@ -286,9 +298,13 @@ def test_in_graph_top_k_skips_padding_and_oov_and_breaks_ties_toward_the_lower_i
     scores = rng.integers(0, 4, (64, n_items)).astype(np.float32)
     scores[:, :ITEM_OFFSET] = 10.0                      # padding and OOV on top: never chosen
     scores[1] = 0.0                                     # one row all tied
-    items, top = session.run(["top_items", "top_scores"], {"scores": scores})
-    for row in range(len(scores)):
-        real = np.arange(ITEM_OFFSET, n_items)
-        order = real[np.lexsort((real, -scores[row, real]))][:got_k]
-        assert items[row].tolist() == order.tolist()
-        np.testing.assert_array_equal(top[row], scores[row, order])
+    for k_fed in (None, 1, got_k // 2 + 1):   # k_fed None: the graph's own k
+        feeds = {"scores": scores} if k_fed is None else {"scores": scores, "top_k": np.array([k_fed])}
+        items, top = session.run(["top_items", "top_scores"], feeds)
+        want_k = got_k if k_fed is None else k_fed
+        assert items.shape == (len(scores), want_k)
+        for row in range(len(scores)):
+            real = np.arange(ITEM_OFFSET, n_items)
+            order = real[np.lexsort((real, -scores[row, real]))][:want_k]
+            assert items[row].tolist() == order.tolist()
+            np.testing.assert_array_equal(top[row], scores[row, order])
