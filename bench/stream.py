@@ -29,8 +29,9 @@ means, per stage, for the saturated and the paced phase (stages_*_ms: consume an
 batch_fill per event, the rest per micro-batch; see docs/operations.md), and the worker's
 CPU per event in the saturated phase (cpu_saturated: whole process and event-loop thread,
 from /proc, between 10% and 90% of the events; steadier than events/s on a shared machine). --profile S
-samples the worker with py-spy for S seconds of the paced phase and records the
-functions that hold the most samples (own time).
+adds a second paced phase of --latency-events events, sampled by py-spy for S seconds,
+and records the functions that hold the most samples (own time) and that phase's own
+p50/p99 and stages (profiled_paced); p50_ms/p99_ms always come from the unsampled phase.
 
 The model: --model, else onnx_models/default when it has a step graph, else an
 untrained GRU of the default model's shapes (GRUConfig: embedding 64, hidden 96) and
@@ -302,6 +303,34 @@ class CpuPerEvent(threading.Thread):
                 "event_loop_core_share": round((c1["event_loop"] - c0["event_loop"]) / (t1 - t0), 2)}
 
 
+def paced_phase(broker: str, topics: dict, events: list, rate: float, done_before: int,
+                metrics_port: int) -> tuple[np.ndarray, dict]:
+    """Produce `events` at `rate` per second; their event-to-output latencies (ms, Kafka
+    CreateTime of the next-items output minus that of the input) and the worker's stage
+    histograms once all of them are scored (done_before: next-items outputs already there)."""
+    from kafka import KafkaProducer
+    producer = KafkaProducer(bootstrap_servers=broker, linger_ms=0)
+    sent = {}
+    start = time.perf_counter()
+    for i, (key, value, event_id) in enumerate(events):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        sent[event_id] = producer.send(topics["input"], key=key, value=value)
+    producer.flush()
+    input_ms = {eid: fut.get(timeout=30).timestamp for eid, fut in sent.items()}
+    producer.close()
+    outputs = read_topic(broker, topics["next_items"], lambda r: len(r) >= done_before + len(events),
+                         timeout=600, settle=0)
+    stages = scrape_stages(metrics_port)
+    latencies = []
+    for r in outputs:
+        event_id = json.loads(r.value)["event_id"]
+        if event_id in input_ms:
+            latencies.append(r.timestamp - input_ms[event_id])
+    return np.array(latencies, dtype=np.float64), stages
+
+
 def profile_worker(pid: int, seconds: float, work: Path) -> dict:
     """py-spy samples of the worker (all threads); the functions with the most own-time samples."""
     spy = next((p for p in (Path(sys.executable).parent / "py-spy",) if p.exists()), None)
@@ -382,8 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no model at {model}: building a small one with clickscore train/export", file=sys.stderr)
         model = build_model(work / "model")
         model_note = str(model)
-    events = simulated_events(args.events + args.latency_events, work)
-    saturated, paced = events[:args.events], events[args.events:]
+    profiled_n = args.latency_events if args.profile else 0
+    events = simulated_events(args.events + args.latency_events + profiled_n, work)
+    saturated = events[:args.events]
+    paced = events[args.events:args.events + args.latency_events]
+    profiled_events = events[args.events + args.latency_events:]
 
     with EmbeddedBroker() as broker:
         run = uuid.uuid4().hex[:8]
@@ -419,32 +451,28 @@ def main(argv: list[str] | None = None) -> int:
             load_saturated = round(__import__("os").getloadavg()[0], 2)
             latency_rate = args.latency_rate or max(10.0, events_per_s / 2)
 
-            # Paced: latency at a rate the worker keeps up with.
-            sent = {}
-            from kafka import KafkaProducer
-            producer = KafkaProducer(bootstrap_servers=broker, linger_ms=0)
-            profile = {}
+            # Paced: latency at a rate the worker keeps up with, with nothing else attached
+            # to the worker: py-spy at 200 Hz costs this 2-core machine a good part of a core
+            # (2026-12-04, same run: p50/p99 167/322 ms unsampled, 304/560 ms sampled).
+            done_before = len(saturated)
+            latencies, stages_paced = paced_phase(broker, topics, paced, latency_rate, done_before, metrics_port)
+            lag_paced = scrape_histogram(metrics_port, "clickscore_event_loop_lag_seconds")
+            done_before += len(paced)
+            profile, profiled = {}, None
             if args.profile:
+                # A second paced phase of the same length, sampled by py-spy: where the time
+                # goes, and what the sampling itself costs the latency.
                 spy = threading.Thread(target=lambda: profile.update(
                     profile_worker(worker.proc.pid, args.profile, work)))
                 spy.start()
-            start = time.perf_counter()
-            for i, (key, value, event_id) in enumerate(paced):
-                delay = start + i / latency_rate - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-                sent[event_id] = producer.send(topics["input"], key=key, value=value)
-            producer.flush()
-            input_ms = {eid: fut.get(timeout=30).timestamp for eid, fut in sent.items()}
-            producer.close()
-            outputs = read_topic(broker, topics["next_items"],
-                                 lambda r: len(r) >= len(saturated) + len(paced), timeout=600, settle=0)
-            lag_paced = scrape_histogram(metrics_port, "clickscore_event_loop_lag_seconds")
-            stages_paced = scrape_stages(metrics_port)
-            if args.profile:
+                time.sleep(1.0)      # py-spy attaches and reads the symbols first
+                profiled_latencies, profiled_stages = paced_phase(broker, topics, profiled_events, latency_rate,
+                                                                  done_before, metrics_port)
                 spy.join()
-        latencies = np.array([r.timestamp - input_ms[json.loads(r.value)["event_id"]] for r in outputs
-                              if json.loads(r.value)["event_id"] in input_ms], dtype=np.float64)
+                profiled = {"p50_ms": round(float(np.percentile(profiled_latencies, 50)), 1),
+                            "p99_ms": round(float(np.percentile(profiled_latencies, 99)), 1),
+                            "stages_ms": stage_summary(stages_paced, profiled_stages)}
+        stages_before_paced = stages_after
 
         passthrough = consumed = None
         if not args.no_baselines:
@@ -484,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         "event_loop_lag_saturated": histogram_summary(lag_before, lag_after),
         "event_loop_lag_paced": histogram_summary(lag_after, lag_paced),
         "stages_saturated_ms": stage_summary({}, stages_after),
-        "stages_paced_ms": stage_summary(stages_after, stages_paced),
+        "stages_paced_ms": stage_summary(stages_before_paced, stages_paced),
+        "profiled_paced": profiled,
         "batch_size": args.batch_size, "batch_wait_s": args.batch_wait_s, "batch_linger_s": args.batch_linger_s,
         "partitions": args.partitions, "batch_sends": args.batch_sends == "true",
         "fetch_max_wait_ms": args.fetch_max_wait_ms or None, "inference_threads": args.inference_threads,
