@@ -247,13 +247,26 @@ def scrape_cache(port: int) -> dict[str, float]:
 
 
 def cpu_seconds(pid: int) -> dict[str, float] | None:
-    """CPU seconds (user + system) of the whole process and of its main thread (the event
-    loop: Faust runs it on the thread whose id is the pid), from /proc (Linux)."""
+    """CPU seconds (user + system) of the whole process, of its main thread (the event
+    loop: Faust runs it on the thread whose id is the pid) and of its child processes
+    (the inference process), from /proc (Linux)."""
     def read(path: str) -> float:
         fields = Path(path).read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    def children() -> float:
+        # The inference process of --inference-process true (a child of the worker).
+        total = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, ValueError, IndexError):
+                continue
+        return total
     try:
-        return {"process": read(f"/proc/{pid}/stat"), "event_loop": read(f"/proc/{pid}/task/{pid}/stat")}
+        return {"process": read(f"/proc/{pid}/stat"), "event_loop": read(f"/proc/{pid}/task/{pid}/stat"),
+                "children": children()}
     except (OSError, ValueError, IndexError):
         return None
 
@@ -300,7 +313,8 @@ class CpuPerEvent(threading.Thread):
                 "event_loop_us_per_event": round(1e6 * (c1["event_loop"] - c0["event_loop"]) / n, 1),
                 "other_threads_us_per_event": round(1e6 * ((c1["process"] - c0["process"])
                                                            - (c1["event_loop"] - c0["event_loop"])) / n, 1),
-                "event_loop_core_share": round((c1["event_loop"] - c0["event_loop"]) / (t1 - t0), 2)}
+                "event_loop_core_share": round((c1["event_loop"] - c0["event_loop"]) / (t1 - t0), 2),
+                "child_processes_us_per_event": round(1e6 * (c1["children"] - c0["children"]) / n, 1)}
 
 
 def paced_phase(broker: str, topics: dict, events: list, rate: float, done_before: int,
@@ -383,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-wait-s", type=float, default=0.01)
     parser.add_argument("--batch-linger-s", type=float, default=0.01, help="worker --batch-linger-s")
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--inference-process", default="false", choices=("true", "false"),
+                        help="worker --inference-process (score in a child process with its own GIL)")
     parser.add_argument("--batch-sends", default="true", choices=("true", "false"),
                         help="worker --batch-sends (one producer batch per topic-partition, or one send per output)")
     parser.add_argument("--passthrough-worker", nargs=4, metavar=("BROKER", "SOURCE", "SINK", "PORT"),
@@ -426,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                                ["--metrics-port", str(metrics_port), "--partitions", str(args.partitions),
                                 "--batch-size", str(args.batch_size), "--batch-wait-s", str(args.batch_wait_s),
                                 "--batch-linger-s", str(args.batch_linger_s),
-                                "--batch-sends", args.batch_sends,
+                                "--batch-sends", args.batch_sends, "--inference-process", args.inference_process,
                                 "--model-cache-bytes", str(args.model_cache_bytes), "--log-level", "info",
                                 "--inference-threads", str(args.inference_threads),
                                 *(["--fetch-max-wait-ms", str(args.fetch_max_wait_ms)] if args.fetch_max_wait_ms else [])])
@@ -516,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         "profiled_paced": profiled,
         "batch_size": args.batch_size, "batch_wait_s": args.batch_wait_s, "batch_linger_s": args.batch_linger_s,
         "partitions": args.partitions, "batch_sends": args.batch_sends == "true",
+        "inference_process": args.inference_process == "true",
         "fetch_max_wait_ms": args.fetch_max_wait_ms or None, "inference_threads": args.inference_threads,
         "model": model_note, "model_cache_bytes": args.model_cache_bytes, "provider": provider,
         "machine": machine(),

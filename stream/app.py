@@ -336,6 +336,12 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         source = ModelSource(Path(info.path), ModelTagged(scorer, info.name, info.version), "auto", 0.0, False)
     # Per-session model state for step scoring, owned by the inference thread (stream/model_cache.py).
     state_cache = model_cache.ModelStateCache(settings.model_cache_bytes) if settings.model_cache_bytes else None
+    # --inference-process: the model calls and that cache live in a child process instead
+    # (stream/inference.py); this thread only hands batches over, in the same order.
+    remote = None
+    if settings.inference_process:
+        from stream.inference import InferenceProcess
+        remote = InferenceProcess(source.provider, settings.inference_threads, settings.model_cache_bytes)
     consumed = metrics.EVENTS_CONSUMED.labels(topic=settings.input_topic)
     stage = {name: metrics.STAGE_SECONDS.labels(stage=name) for name in metrics.STAGES}
     scored = {t: metrics.EVENTS_SCORED.labels(topic=t)
@@ -413,6 +419,9 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
     def timed_score(batch: pipeline.Batch) -> tuple[pipeline.Scores, float, ModelTagged, float, float]:
         # Inference thread. A checked new model version takes over here, between batches.
         served = source.take()
+        if remote is not None and batch.accepted:
+            scores, t0, t1 = remote.score(served, batch.accepted, settings.top_k)
+            return scores, t1 - t0, served, t0, t1
         t0 = time.perf_counter()
         if state_cache is not None and served.scorer.supports_step and batch.accepted:
             scores = model_cache.score_cached(served.scorer, state_cache, batch.accepted, settings.top_k)

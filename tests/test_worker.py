@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import json
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -566,3 +568,72 @@ def test_cached_model_state_scores_like_offline_across_rebalances_and_a_restart(
                    if v["event_count"] != reference[v["event_id"]][3])
     assert not stale, f"{len(stale)} outputs scored on a session restored without its newest state: {stale[:10]}"
     assert_matches_offline(score_values, item_values, reference)
+
+
+@pytest.mark.parametrize("kind", ["gru", "dilated"])
+def test_inference_process_scores_like_offline_and_survives_its_death(
+        broker, model_dir, dilated_dir, click_log, tmp_path, kind):
+    """`--inference-process true` (stream/inference.py): the model runs in a child of the
+    worker. Streaming still equals offline for every event, the child's model-state cache
+    does the stepping (its counters reach the worker's metrics), and a child killed
+    mid-stream loses no event: the worker starts another, which rebuilds states from windows."""
+    from stream.scoring import ModelScorer
+
+    model = model_dir if kind == "gru" else dilated_dir
+    scorer = ModelScorer(model, provider="cpu")
+    t = topics()
+    # The real sessions whole and the simulated sessions' first halves, then the simulated
+    # second halves: the second child continues sessions the first one carried. (The two
+    # sources lie years apart: the real ones must end before the simulated event time
+    # starts, or the watermark would expire them as idle.)
+    sessions = by_session(click_log)
+    position = {e["event_id"]: k for s in sessions.values() for k, e in enumerate(s)}
+    late = [e for e in click_log if e["session_id"].startswith("sim-")
+            and 2 * position[e["event_id"]] >= len(sessions[e["session_id"]])]
+    late_ids = {e["event_id"] for e in late}
+    early = [e for e in click_log if e["event_id"] not in late_ids]
+    keyed = lambda events: [(e["session_id"].encode(), json.dumps(e).encode()) for e in events]  # noqa: E731
+    port = free_port()
+    worker = WorkerProcess(broker, model, t, f"app-{uuid.uuid4().hex[:8]}", tmp_path / "worker.log", free_port(),
+                           ["--top-k", str(TOP_K), "--batch-size", "64", "--metrics-port", str(port),
+                            "--inference-process", "true", *LONG_TIMEOUT])
+
+    def children() -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == worker.proc.pid:
+                found.append(int(stat.parent.name))
+        return found
+
+    with worker:
+        wait_for_log(worker, "Worker ready")
+        produce(broker, t["input"], keyed(early))
+        first = {e["event_id"] for e in early}
+        read_topic(broker, t["next_items"], lambda r: first <= {json.loads(x.value)["event_id"] for x in r},
+                   timeout=240, settle=0)
+        before = scrape_cache(port)
+        (child,) = children()
+        os.kill(child, signal.SIGKILL)
+        produce(broker, t["input"], keyed(late))
+        items, dead = read_accounted(broker, t, click_log)
+        want_scored, want_outcomes = expected_buyer_events(click_log)
+        scores = read_topic(broker, t["scores"], lambda r: len(r) >= len(want_scored) + len(want_outcomes),
+                            timeout=60)
+        after = scrape_cache(port)
+        assert worker.proc.poll() is None, worker.log()[-3000:]
+        assert children() and child not in children()
+        metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert_every_event_scored(dead, click_log)
+    item_values = values(items)
+    assert sorted(v["event_id"] for v in item_values) == sorted(e["event_id"] for e in click_log)
+    assert_matches_offline(values(scores), item_values, offline_scores(scorer, by_session(click_log), TOP_K))
+    # The first child stepped the first half from its cache; the second rebuilt the states
+    # of the sessions it had not seen (misses) and stepped on from there.
+    assert before["hits"] > before["misses"], before
+    assert after["misses"] > before["misses"] and after["hits"] > before["hits"], (before, after)
+    starts = [line for line in metrics_text.splitlines() if line.startswith("clickscore_inference_process_starts_total")]
+    assert starts and float(starts[0].split()[-1]) == 2.0, starts
