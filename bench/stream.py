@@ -67,6 +67,7 @@ from bench.record import append_result, machine
 from bench.workerkit import CLICKSCORE, WorkerProcess, build_model, produce, read_topic
 from stream import lifecycle
 from stream.broker import EmbeddedBroker, free_port
+from stream.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -382,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-items", type=int, default=0,
                         help="serve an untrained GRU of the default shapes with this many item indices")
     parser.add_argument("--model-cache-bytes", type=int, default=256 << 20, help="worker --model-cache-bytes")
+    parser.add_argument("--producer-linger-ms", type=int, default=-1,
+                        help="worker --producer-linger-ms (-1: the worker's default)")
     parser.add_argument("--fetch-max-wait-ms", type=int, default=0,
                         help="worker --fetch-max-wait-ms (0: the worker's default)")
     parser.add_argument("--inference-threads", type=int, default=1, help="worker --inference-threads")
@@ -445,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "--batch-sends", args.batch_sends, "--inference-process", args.inference_process,
                                 "--model-cache-bytes", str(args.model_cache_bytes), "--log-level", "info",
                                 "--inference-threads", str(args.inference_threads),
-                                *(["--fetch-max-wait-ms", str(args.fetch_max_wait_ms)] if args.fetch_max_wait_ms else [])])
+                                *(["--fetch-max-wait-ms", str(args.fetch_max_wait_ms)] if args.fetch_max_wait_ms else []),
+                                *(["--producer-linger-ms", str(args.producer_linger_ms)]
+                                  if args.producer_linger_ms >= 0 else [])])
         with worker:
             cpu_meter = CpuPerEvent(worker.proc.pid, metrics_port, len(saturated))
             cpu_meter.start()
@@ -533,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size, "batch_wait_s": args.batch_wait_s, "batch_linger_s": args.batch_linger_s,
         "partitions": args.partitions, "batch_sends": args.batch_sends == "true",
         "inference_process": args.inference_process == "true",
-        "fetch_max_wait_ms": args.fetch_max_wait_ms or None, "inference_threads": args.inference_threads,
+        "fetch_max_wait_ms": args.fetch_max_wait_ms or None,
+        "producer_linger_ms": args.producer_linger_ms if args.producer_linger_ms >= 0 else Settings().producer_linger_ms, "inference_threads": args.inference_threads,
         "model": model_note, "model_cache_bytes": args.model_cache_bytes, "provider": provider,
         "machine": machine(),
     }

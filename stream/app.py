@@ -294,6 +294,9 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         recovery_consistency_check=False,
         stream_buffer_maxsize=max(4096, 4 * settings.batch_size),
         worker_redirect_stdouts=False,
+        # Outputs and changelog writes wait up to this long to share a produce request:
+        # fewer requests per event for the event loop (docs/operations.md, "2026-12-04").
+        producer_linger=settings.producer_linger_ms / 1000,
     )
     # Raw bytes both ways. (Passing a faust.Schema to app.topic left keys JSON-decoded
     # once a table existed, and the agent crashed silently: give the topic its codecs.)

@@ -269,7 +269,7 @@ def _worker(p: argparse.ArgumentParser) -> None:
         "partitions", "app_id", "top_k", "batch_size", "batch_wait_s", "session_timeout_s",
         "max_message_bytes", "store", "data_dir", "web_port", "metrics_port", "metrics_host",
         "execution_provider", "rules", "session_timeout_ms", "heartbeat_interval_ms",
-        "rebalance_timeout_ms", "fetch_max_wait_ms", "log_level", "compression_type"))
+        "rebalance_timeout_ms", "fetch_max_wait_ms", "producer_linger_ms", "log_level", "compression_type"))
     add_settings(p, ("model_cache_bytes", "model_poll_s", "inference_threads", "inference_process"))
     add_settings(p, ("batch_linger_s",))
     add_settings(p, ("batch_sends",))
