@@ -473,8 +473,9 @@ def main(argv: list[str] | None = None) -> int:
             latency_rate = args.latency_rate or max(10.0, events_per_s / 2)
 
             # Paced: latency at a rate the worker keeps up with, with nothing else attached
-            # to the worker: py-spy at 200 Hz costs this 2-core machine a good part of a core
-            # (2026-12-04, same run: p50/p99 167/322 ms unsampled, 304/560 ms sampled).
+            # to the worker: py-spy at 200 Hz takes part of a core. (Two runs on 2026-12-04,
+            # unsampled against sampled p50/p99: 167/322 against 304/560 ms, then 282/598
+            # against 148/303: this close to capacity the phases differ as much as that.)
             done_before = len(saturated)
             latencies, stages_paced = paced_phase(broker, topics, paced, latency_rate, done_before, metrics_port)
             lag_paced = scrape_histogram(metrics_port, "clickscore_event_loop_lag_seconds")
