@@ -64,7 +64,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.record import append_result, machine
-from bench.workerkit import CLICKSCORE, WorkerProcess, build_model, produce, read_topic
+from bench.workerkit import CLICKSCORE, WorkerProcess, build_model, child_pids, proc_stat, produce, read_topic
 from stream import lifecycle
 from stream.broker import EmbeddedBroker, free_port
 from stream.settings import Settings
@@ -251,23 +251,13 @@ def cpu_seconds(pid: int) -> dict[str, float] | None:
     """CPU seconds (user + system) of the whole process, of its main thread (the event
     loop: Faust runs it on the thread whose id is the pid) and of its child processes
     (the inference process), from /proc (Linux)."""
-    def read(path: str) -> float:
-        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    def cpu(stat_of: str) -> float:
+        fields = proc_stat(stat_of)
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    def children() -> float:
-        # The inference process of --inference-process true (a child of the worker).
-        total = 0.0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == pid:
-                    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            except (OSError, ValueError, IndexError):
-                continue
-        return total
     try:
-        return {"process": read(f"/proc/{pid}/stat"), "event_loop": read(f"/proc/{pid}/task/{pid}/stat"),
-                "children": children()}
+        # children: the inference process of --inference-process true
+        return {"process": cpu(str(pid)), "event_loop": cpu(f"{pid}/task/{pid}"),
+                "children": sum(cpu(str(child)) for child in child_pids(pid))}
     except (OSError, ValueError, IndexError):
         return None
 
@@ -494,7 +484,6 @@ def main(argv: list[str] | None = None) -> int:
                 profiled = {"p50_ms": round(float(np.percentile(profiled_latencies, 50)), 1),
                             "p99_ms": round(float(np.percentile(profiled_latencies, 99)), 1),
                             "stages_ms": stage_summary(stages_paced, profiled_stages)}
-        stages_before_paced = stages_after
 
         passthrough = consumed = None
         if not args.no_baselines:
@@ -534,13 +523,14 @@ def main(argv: list[str] | None = None) -> int:
         "event_loop_lag_saturated": histogram_summary(lag_before, lag_after),
         "event_loop_lag_paced": histogram_summary(lag_after, lag_paced),
         "stages_saturated_ms": stage_summary({}, stages_after),
-        "stages_paced_ms": stage_summary(stages_before_paced, stages_paced),
+        "stages_paced_ms": stage_summary(stages_after, stages_paced),
         "profiled_paced": profiled,
         "batch_size": args.batch_size, "batch_wait_s": args.batch_wait_s, "batch_linger_s": args.batch_linger_s,
         "partitions": args.partitions, "batch_sends": args.batch_sends == "true",
         "inference_process": args.inference_process == "true",
         "fetch_max_wait_ms": args.fetch_max_wait_ms or None,
-        "producer_linger_ms": args.producer_linger_ms if args.producer_linger_ms >= 0 else Settings().producer_linger_ms, "inference_threads": args.inference_threads,
+        "producer_linger_ms": args.producer_linger_ms if args.producer_linger_ms >= 0 else Settings().producer_linger_ms,
+        "inference_threads": args.inference_threads,
         "model": model_note, "model_cache_bytes": args.model_cache_bytes, "provider": provider,
         "machine": machine(),
     }

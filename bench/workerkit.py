@@ -42,6 +42,24 @@ def build_model(root: Path, sessions: int = 1500, seed: int = 5, kind: str = "gr
     return root / "model"
 
 
+def proc_stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (Linux): [0] state, [1] parent
+    pid, [11] user and [12] system CPU ticks."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (the worker's inference process, for one)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(proc_stat(stat.parent.name)[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue      # gone meanwhile
+    return found
+
+
 class WorkerProcess:
     """`clickscore worker` as a real subprocess with fast consumer-group settings."""
 

@@ -344,7 +344,9 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
     remote = None
     if settings.inference_process:
         from stream.inference import InferenceProcess
-        remote = InferenceProcess(source.provider, settings.inference_threads, settings.model_cache_bytes)
+        # state_cache stays here for the batches the child cannot score (scored in this thread).
+        remote = InferenceProcess(source.provider, settings.inference_threads, settings.model_cache_bytes,
+                                  fallback_cache=state_cache)
     consumed = metrics.EVENTS_CONSUMED.labels(topic=settings.input_topic)
     stage = {name: metrics.STAGE_SECONDS.labels(stage=name) for name in metrics.STAGES}
     scored = {t: metrics.EVENTS_SCORED.labels(topic=t)
@@ -426,10 +428,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
             scores, t0, t1 = remote.score(served, batch.accepted, settings.top_k)
             return scores, t1 - t0, served, t0, t1
         t0 = time.perf_counter()
-        if state_cache is not None and served.scorer.supports_step and batch.accepted:
-            scores = model_cache.score_cached(served.scorer, state_cache, batch.accepted, settings.top_k)
-        else:
-            scores = pipeline.score_isolated(served.scorer.score, batch.windows, settings.top_k)
+        scores = model_cache.score_batch(served.scorer, state_cache, batch.accepted, settings.top_k)
         t1 = time.perf_counter()
         return scores, t1 - t0, served, t0, t1
 

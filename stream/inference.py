@@ -121,10 +121,7 @@ class _Child:
             self.model_token = token
         accepted = unpack(packed)
         t0 = time.perf_counter()
-        if self.cache is not None and self.scorer.supports_step and accepted:
-            scores = model_cache.score_cached(self.scorer, self.cache, accepted, top_k)
-        else:
-            scores = pipeline.score_isolated(self.scorer.score, [a.window for a in accepted], top_k)
+        scores = model_cache.score_batch(self.scorer, self.cache, accepted, top_k)
         t1 = time.perf_counter()
         cache = self.cache
         stats = (tuple(getattr(cache, name) for name in _COUNTERS) + (cache.nbytes, len(cache))
@@ -158,12 +155,15 @@ class InferenceProcess:
     """The worker's side: starts the child, hands it batches (from the one inference thread),
     and scores a batch itself when the child cannot answer (then starts a new child)."""
 
-    def __init__(self, provider: str = "auto", threads: int = 1, cache_bytes: int = 0):
+    def __init__(self, provider: str = "auto", threads: int = 1, cache_bytes: int = 0,
+                 fallback_cache: model_cache.ModelStateCache | None = None):
+        """`cache_bytes`: the child's model-state cache (0: none). `fallback_cache`: the
+        worker's own, for the batches scored here (None: those go by windows)."""
         self.provider, self.threads, self.cache_bytes = provider, threads, cache_bytes
         self._proc: subprocess.Popen | None = None
         self._seen = (0,) * len(_COUNTERS)
         self._lock = threading.Lock()
-        self._fallback_cache = model_cache.ModelStateCache(cache_bytes) if cache_bytes else None
+        self._fallback_cache = fallback_cache
         self.failures = 0
         self.start()
         atexit.register(self.close)    # the child also exits on its own when the pipe closes
@@ -207,14 +207,8 @@ class InferenceProcess:
             self.failures += 1
             INFERENCE_PROCESS_FAILURES.inc()
             log.warning("inference process failed (%s); scoring the batch in the worker", answer[1][:300])
-        return self._score_here(served, accepted, top_k)
-
-    def _score_here(self, served, accepted, top_k):
         t0 = time.perf_counter()
-        if self._fallback_cache is not None and served.scorer.supports_step and accepted:
-            scores = model_cache.score_cached(served.scorer, self._fallback_cache, accepted, top_k)
-        else:
-            scores = pipeline.score_isolated(served.scorer.score, [a.window for a in accepted], top_k)
+        scores = model_cache.score_batch(served.scorer, self._fallback_cache, accepted, top_k)
         return scores, t0, time.perf_counter()
 
     def _publish(self, stats) -> None:

@@ -181,6 +181,16 @@ class _Plan:
     depth: int = 0               # STEP: round in which it can run (1 + its source position's depth)
 
 
+def score_batch(scorer, cache: ModelStateCache | None, accepted: Sequence[pipeline.Accepted], top_k: int
+                ) -> pipeline.Scores:
+    """A batch's scores the way the worker serves them: through `cache` when there is one
+    and the model has a step graph, else by windows (pipeline.score_isolated). Used by the
+    inference thread and by the inference process (stream/inference.py) alike."""
+    if cache is not None and scorer.supports_step and accepted:
+        return score_cached(scorer, cache, accepted, top_k)
+    return pipeline.score_isolated(scorer.score, [a.window for a in accepted], top_k)
+
+
 def score_cached(scorer, cache: ModelStateCache, accepted: Sequence[pipeline.Accepted], top_k: int
                  ) -> pipeline.Scores:
     """Scores of a batch's accepted events (in batch order) through the cache; equal to

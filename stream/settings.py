@@ -140,8 +140,8 @@ class Settings:
     # event loop needs; bench.stream on 2 cores, same load: 1,410-1,608 events/s with 1 vs 610.
     inference_threads: int = _setting(1, "onnxruntime intra-op threads of the worker's model (0: "
                                       "onnxruntime's default, one per core)", type=number(int, what="a whole number"))
-    # stream/inference.py. Off by default until it has more runs behind it (docs/operations.md,
-    # "What bounds the worker").
+    # stream/inference.py. Off: on 2 cores it did not raise the rate (the event loop, not the
+    # model, bounds the worker; docs/operations.md, "2026-12-04").
     inference_process: bool = _setting(False, "score in a child process of its own (its own GIL) "
                                        "instead of a thread of the worker's process")
     model_poll_s: float = _setting(10.0, "seconds between checks of a model registry (--model "

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # bench/ is not an installed package
 
 from bench.stream import scrape_cache  # noqa: E402
-from bench.workerkit import (CLICKSCORE, WorkerProcess, offline_scores, produce,  # noqa: E402
+from bench.workerkit import (CLICKSCORE, WorkerProcess, child_pids, offline_scores, produce,  # noqa: E402
                              read_topic, values)
 from conftest import free_port  # noqa: E402
 
@@ -598,17 +598,6 @@ def test_inference_process_scores_like_offline_and_survives_its_death(
                            ["--top-k", str(TOP_K), "--batch-size", "64", "--metrics-port", str(port),
                             "--inference-process", "true", *LONG_TIMEOUT])
 
-    def children() -> list[int]:
-        found = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == worker.proc.pid:
-                found.append(int(stat.parent.name))
-        return found
-
     with worker:
         wait_for_log(worker, "Worker ready")
         produce(broker, t["input"], keyed(early))
@@ -616,7 +605,7 @@ def test_inference_process_scores_like_offline_and_survives_its_death(
         read_topic(broker, t["next_items"], lambda r: first <= {json.loads(x.value)["event_id"] for x in r},
                    timeout=240, settle=0)
         before = scrape_cache(port)
-        (child,) = children()
+        (child,) = child_pids(worker.proc.pid)
         os.kill(child, signal.SIGKILL)
         produce(broker, t["input"], keyed(late))
         items, dead = read_accounted(broker, t, click_log)
@@ -625,7 +614,8 @@ def test_inference_process_scores_like_offline_and_survives_its_death(
                             timeout=60)
         after = scrape_cache(port)
         assert worker.proc.poll() is None, worker.log()[-3000:]
-        assert children() and child not in children()
+        now = child_pids(worker.proc.pid)
+        assert now and child not in now
         metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert_every_event_scored(dead, click_log)
     item_values = values(items)
