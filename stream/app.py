@@ -3,7 +3,8 @@
     clickscore broker &                                   # or --broker at real Kafka
     clickscore worker --model onnx_models/default --web-port 6066 --metrics-port 9464
 
-Data flow, one micro-batch at a time (`eager_take(stream, batch_size, batch_wait_s, batch_linger_s)`: a batch
+Data flow, one micro-batch at a time (`take_batches(queue, ..., batch_size, batch_wait_s, batch_linger_s)`,
+read from the queue Faust's consumer fills, not through Faust's Stream: a batch
 goes once nothing more is waiting and the linger has passed, at most batch_size events);
 the batch logic is plain code in stream/pipeline.py, this module only wires it to Faust:
 
@@ -124,7 +125,7 @@ def ensure_topics(settings: Settings) -> int:
 SEND_ATTEMPTS = 5             # rounds of re-sending outputs whose delivery failed
 SEND_BACKOFF_S = 0.5          # wait after the first failed round, doubled after each
 EXIT_DELIVERY_FAILED = 75     # EX_TEMPFAIL: outputs undeliverable; a restart re-reads uncommitted input
-DRAIN_SPINS = 16              # eager_take: loop turns given to the stream to move fetched events in...
+DRAIN_SPINS = 16              # take_batches: loop turns given to the consumer to deliver more...
 DRAIN_NAP_S = 0.0005          # ...then this much sleep per check, until its batch_wait_s runs out
 PIPELINE_DEPTH = 2            # batches decoded ahead of the one whose outputs are being sent
 
@@ -142,78 +143,105 @@ class InFlight:
     committed_before: Sequence[Any] = ()  # re-delivered below the committed offset: only acked
 
 
-async def eager_take(stream: Any, max_events: int, within_s: float, linger_s: float = 0.0,
-                     consume_stage: Any = None, fill_stage: Any = None):
-    """Micro-batches of a Faust stream's events, unacked (like Faust's noack_take), but a
-    batch goes as soon as nothing more is waiting, not when `within_s` has passed.
+async def take_batches(queue: Any, admit, should_stop, max_events: int, within_s: float,
+                       linger_s: float = 0.0, consume_stage: Any = None, fill_stage: Any = None):
+    """Micro-batches of unacked events read straight from the queue Faust's conductor
+    fills for the agent (its iterator channel's queue), without Faust's Stream.
 
-    Faust 0.15.3's noack_take waits the whole `within` after every batch, even with one
-    event in hand and nothing behind it, and refuses new events while its caller holds a
-    batch. Here the buffer is handed over (copied, then cleared) as soon as
-    pipeline.batch_ready says so: full; or nothing more fetched (after `linger_s`, 0 by
-    default); or `within_s` spent draining what was fetched. Under load, events pile up
-    while the pipeline is busy, so batches grow by themselves; at a low rate each event
-    goes alone, at once. The buffer keeps filling while the caller works on a batch.
-    `consume_stage`/`fill_stage` (histogram children) get, per event, the time from its
-    Kafka append to the agent and from the agent to its batch's hand-over."""
-    buffer: list = []
-    arrived: list[float] = []                 # perf_counter per buffered event
-    has_events = asyncio.Event()
-    has_room = asyncio.Event()
-    has_room.set()
-    queue = getattr(stream.channel, "queue", None)   # what Faust fetched and the agent has not seen
+    Why not the Stream: its iterator spends one event-loop turn (`await sleep(0)`), an
+    awaited processor, two stream sensors and a context-variable write on every event,
+    and Faust's noack_take waits the whole `within` after every batch. Here a batch is
+    whatever is already fetched, drained with get_nowait in one go: it goes as soon as
+    pipeline.batch_ready says so (full; or nothing more fetched and `linger_s` passed; or
+    `within_s` spent draining). Under load events pile up in the queue while the pipeline
+    is busy, so batches grow by themselves; at a low rate each event goes alone, at once.
+    The queue is bounded (stream_buffer_maxsize): Faust pauses fetching while it is full.
 
-    def upstream_empty() -> bool:
-        return queue is None or queue.empty()
-
-    async def add_to_buffer(value: Any) -> Any:
-        event = stream.current_event
-        if event is None:
-            raise RuntimeError("eager_take: an event without a current_event")
-        if consume_stage is not None and event.message.timestamp:
-            consume_stage.observe(max(0.0, time.time() - event.message.timestamp))
-        buffer.append(event)
-        arrived.append(time.perf_counter())
-        has_events.set()
-        if len(buffer) >= max_events:
-            # Strict, as Faust's take: never more than max_events in a batch.
-            has_room.clear()
-            await has_room.wait()
-        return value
-
-    stream_enable_acks = stream.enable_acks
-    stream.enable_acks = False                # the caller acks each batch after delivery
-    stream.add_processor(add_to_buffer)
-    stream._enable_passive(aiter(stream.channel))   # private in Faust 0.15.3 (noack_take does the same)
-    try:
-        while not stream.should_stop:
-            if not buffer:
-                has_events.clear()
-                try:
-                    await asyncio.wait_for(has_events.wait(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    continue                  # look at should_stop again
-            first = arrived[0]                # waits count from the batch's first event
-            # Let the stream move what was already fetched into the buffer (its passive
-            # iterator runs between our awaits), bounded by within_s; yield at once the
-            # first times, then briefly sleep, so a stuck upstream does not spin the loop.
-            spins = 0
-            while not pipeline.batch_ready(len(buffer), max_events, upstream_empty(),
-                                           time.perf_counter() - first, within_s, linger_s):
-                spins += 1
-                await asyncio.sleep(0 if spins <= DRAIN_SPINS and not linger_s else DRAIN_NAP_S)
-            batch, times = buffer[:], arrived[:]
-            buffer.clear()
-            arrived.clear()
-            has_room.set()
-            if fill_stage is not None:
+    `admit(event) -> bool` does per event what the Stream did (stale-generation events are
+    acked and left out; see `admitter`). `consume_stage`/`fill_stage` (histogram children)
+    get, per event, the time from its Kafka append to its drain from the queue and from
+    there to its batch's hand-over."""
+    errors = getattr(queue, "_errors", None)   # exceptions thrown into the channel (Faust's throw)
+    while not should_stop():
+        if queue.empty():
+            try:
+                event = await asyncio.wait_for(queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                continue                      # look at should_stop again
+            pending = [event]
+        else:
+            pending = []
+        batch: list = []
+        arrived: list[float] = []
+        first = 0.0
+        spins = 0
+        while True:
+            while len(pending) + len(batch) < max_events and not queue.empty():
+                if errors:
+                    raise errors.popleft()
+                pending.append(queue.get_nowait())
+            if pending:
                 now = time.perf_counter()
-                for seen in times:
-                    fill_stage.observe(now - seen)
-            yield batch
-    finally:
-        stream.enable_acks = stream_enable_acks
-        stream._processors.remove(add_to_buffer)
+                wall = time.time()
+                for event in pending:
+                    if not admit(event):
+                        continue
+                    if consume_stage is not None and event.message.timestamp:
+                        consume_stage.observe(max(0.0, wall - event.message.timestamp))
+                    batch.append(event)
+                    arrived.append(now)
+                if batch and not first:
+                    first = now
+                pending = []
+            if not batch:
+                break                         # every event was stale: wait for the next
+            if pipeline.batch_ready(len(batch), max_events, queue.empty(),
+                                    time.perf_counter() - first, within_s, linger_s):
+                break
+            # Let the consumer deliver more (it runs between our awaits), bounded by
+            # within_s; yield at once the first times, then briefly sleep, so a stuck
+            # upstream does not spin the loop.
+            spins += 1
+            await asyncio.sleep(0 if spins <= DRAIN_SPINS and not linger_s else DRAIN_NAP_S)
+        if not batch:
+            continue
+        if fill_stage is not None:
+            now = time.perf_counter()
+            for seen in arrived:
+                fill_stage.observe(now - seen)
+        yield batch
+
+
+def admitter(app: Any):
+    """What Faust's Stream does for each event it takes from the queue, for take_batches:
+    after a rebalance (flow control off, or the event fetched in an older consumer
+    generation) the event is acked and skipped, as the Stream skips it; otherwise it is
+    tracked as unacked (the consumer waits for those before giving partitions away)."""
+    consumer = app.consumer
+    unacked_add = consumer.unacked.add
+    acking_topics = app.topics.acking_topics
+    flow_control = app.flow_control
+    on_message_in = app.sensors.on_message_in
+
+    def admit(event: Any) -> bool:
+        message = event.message
+        if not flow_control.is_active() or message.generation_id != app.consumer_generation_id:
+            ack_event(app, event)
+            return False
+        if message.topic in acking_topics and not message.tracked:
+            message.tracked = True
+            unacked_add(message)
+            on_message_in(message.tp, message.offset, message)
+        return True
+    return admit
+
+
+def ack_event(app: Any, event: Any) -> None:
+    """Stream.ack without the per-stream sensor: the last reference marks the offset
+    safe to commit (Message.ack -> Consumer.ack)."""
+    if event.ack():
+        message = event.message
+        app.sensors.on_message_out(message.tp, message.offset, message)
 
 
 def _write_in_event_context(event: Any, write, *args) -> None:
@@ -541,7 +569,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         logging.shutdown()
         os._exit(status)
 
-    async def deliver_in_order(stream) -> None:
+    async def deliver_in_order() -> None:
         """Stage 3 for every batch, in the order begun; acks a batch once it is delivered."""
         while True:
             flight = await in_flight.get()
@@ -553,17 +581,21 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
                 fail(exc)
             if delivered:
                 for event in (*flight.events, *flight.committed_before):
-                    await stream.ack(event)
+                    ack_event(app, event)
             in_flight.task_done()
 
     @app.agent(clicks, name="score_clicks")
     async def score_clicks(stream):
-        # Unacked batches (eager_take): Faust must not commit a record's offset until every
+        # Unacked batches (take_batches): Faust must not commit a record's offset until every
         # output of the batch it came in has been delivered, so batches are acked after delivery.
-        sender = asyncio.ensure_future(deliver_in_order(stream))
+        # aiter() makes the iterator channel the conductor delivers to (and subscribes the
+        # topic), as iterating the stream would; its queue is read directly, the Stream never.
+        queue = aiter(stream.channel).queue
+        sender = asyncio.ensure_future(deliver_in_order())
         try:
-            async for events in eager_take(stream, settings.batch_size, settings.batch_wait_s,
-                                           settings.batch_linger_s, stage["consume"], stage["batch_fill"]):
+            async for events in take_batches(queue, admitter(app), lambda: stream.should_stop,
+                                             settings.batch_size, settings.batch_wait_s, settings.batch_linger_s,
+                                             stage["consume"], stage["batch_fill"]):
                 if await hold_while_fenced():
                     continue   # evicted meanwhile: unacked, re-read from the committed offsets
                 try:

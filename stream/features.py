@@ -100,6 +100,7 @@ class FeatureArtefacts:
     _category_index: dict[str, int] = field(init=False, repr=False, compare=False)
     _item_lookup: "HashLookup" = field(init=False, repr=False, compare=False)
     _category_lookup: "HashLookup" = field(init=False, repr=False, compare=False)
+    _item_names: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "_item_index", {k: i + ITEM_OFFSET for i, k in enumerate(self.items)})
@@ -108,6 +109,10 @@ class FeatureArtefacts:
         object.__setattr__(self, "_item_lookup", HashLookup.build(self.items, ITEM_OFFSET, ITEM_OOV, "item"))
         object.__setattr__(self, "_category_lookup",
                            HashLookup.build(self.categories, CATEGORY_OFFSET, CATEGORY_OOV, "category"))
+        # index -> item id (None for padding, OOV and one slot past the end), for item_ids_of.
+        names = np.empty(len(self.items) + ITEM_OFFSET + 1, dtype=object)
+        names[ITEM_OFFSET:ITEM_OFFSET + len(self.items)] = self.items
+        object.__setattr__(self, "_item_names", names)
 
     def item_indices_of_hashes(self, hashes: np.ndarray) -> np.ndarray:
         """Row item hashes (any shape) -> this model's item indices (ITEM_OOV when unknown)."""
@@ -159,6 +164,13 @@ class FeatureArtefacts:
         """Inverse of item_index for known items; None for padding/OOV."""
         k = int(index) - ITEM_OFFSET
         return self.items[k] if 0 <= k < len(self.items) else None
+
+    def item_ids_of(self, indices: np.ndarray) -> list[list[str | None]]:
+        """item_id over a (B, k) array of indices, as lists: one numpy gather instead of a
+        Python call per index (the worker names every event's top-k with it)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        past_end = len(self._item_names) - 1
+        return self._item_names[np.where((indices >= 0) & (indices < past_end), indices, past_end)].tolist()
 
     @property
     def vocab_hash(self) -> str:

@@ -95,8 +95,8 @@ EVENT_LOOP_LAG_SECONDS = Histogram(
 STAGES = ("consume", "batch_fill", "prepare", "inference_queue", "inference", "delivery_queue",
           "finish", "deliver")
 STAGE_SECONDS = Histogram(
-    "clickscore_stage_seconds", "time spent per stage: consume (Kafka append to the agent), batch_fill "
-    "(agent to batch begun), prepare (decode and state), inference_queue, inference, delivery_queue "
+    "clickscore_stage_seconds", "time spent per stage: consume (Kafka append to the worker taking it from Faust's queue), batch_fill "
+    "(taken to batch begun), prepare (decode and state), inference_queue, inference, delivery_queue "
     "(scored, waiting for earlier batches' delivery), finish (outputs built), deliver (sent and "
     "acknowledged by the broker)", ["stage"], buckets=_FAST, registry=REGISTRY)
 for _stage in STAGES:

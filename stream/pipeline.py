@@ -366,6 +366,7 @@ def finish(batch: Batch, scores: Scores, topics: Topics, item_ids: Callable[[np.
         dead[rejected.reason] += 1
     try:
         names = item_ids(scores.top_items)
+        top_scores = scores.top_scores.tolist()   # Python floats, as float() of each, in one call
     except Exception as exc:   # a vocabulary that cannot name an index: fail those events alone
         detail = internal_error(exc, "naming the top items")
         names = None
@@ -380,7 +381,8 @@ def finish(batch: Batch, scores: Scores, topics: Topics, item_ids: Callable[[np.
             reason, why = "internal_error", detail
         else:
             try:
-                outs, probability = _outputs(item, record, position, scores, names[position], topics,
+                outs, probability = _outputs(item, record, position, scores, names[position],
+                                             top_scores[position], topics,
                                              model, triggers, trigger_pending, processing_ms)
             except Exception as exc:
                 reason, why = "internal_error", internal_error(exc, "building an event's outputs")
@@ -398,7 +400,7 @@ def finish(batch: Batch, scores: Scores, topics: Topics, item_ids: Callable[[np.
 
 
 def _outputs(item: Accepted, record: Record, position: int, scores: Scores, names: list[str],
-             topics: Topics, model: ModelTag, triggers: TriggerContext | None,
+             top_scores: list[float], topics: Topics, model: ModelTag, triggers: TriggerContext | None,
              trigger_pending: dict, processing_ms: float | None) -> tuple[list[Output], float | None]:
     event = item.event
     common = {
@@ -420,7 +422,7 @@ def _outputs(item: Accepted, record: Record, position: int, scores: Scores, name
             probability = float(scores.buy_probability[position])
             body = {**common, "outcome": None, "buy_probability": probability, "has_cart": item.has_cart}
         outs.append(Output(topics.scores, item.key, _json(body), item.index))
-    body = {**common, "items": names, "scores": [float(s) for s in scores.top_scores[position]]}
+    body = {**common, "items": names, "scores": top_scores}
     next_items = Output(topics.next_items, item.key, _json(body), item.index)
     # Triggers last: evaluating them changes the session's trigger state, which must only
     # happen once every other output of the event exists.

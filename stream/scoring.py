@@ -465,7 +465,7 @@ class ModelScorer:
         return ScoreBatch(buy, *top_k_items(scores, top_k))
 
     def item_ids(self, indices: np.ndarray) -> list[list[str]]:
-        return [[self.artefacts.item_id(i) for i in row] for row in indices]
+        return self.artefacts.item_ids_of(indices)
 
 
 def _takes_k(session) -> bool:

@@ -86,7 +86,7 @@ class Settings:
                                type=_positive_int)
     batch_wait_s: float = _setting(0.01, "longest wait to fill a micro-batch, seconds",
                                    type=_non_negative_float)
-    # stream/app.py eager_take. 0 (each batch goes as soon as nothing more is fetched) lost
+    # stream/app.py take_batches. 0 (each batch goes as soon as nothing more is fetched) lost
     # to 0.01 at 200 events/s (5 ms fetch wait, loaded 2-core machine): p50 85-116 vs 31-64 ms, as
     # more, smaller batches kept the event loop busier (docs/operations.md).
     batch_linger_s: float = _setting(0.01, "wait this long after a batch's first event for more, even when "

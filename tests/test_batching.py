@@ -1,8 +1,10 @@
-"""Micro-batching without waiting: pipeline.batch_ready (the pure rule) and the worker's
-eager_take on the real broker: an idle worker scores an event as soon as it is fetched,
+"""Micro-batching without waiting: pipeline.batch_ready (the pure rule), the worker's
+take_batches driven without Faust, and the worker on the real broker: an idle worker scores an event as soon as it is fetched,
 not after --batch-wait-s, and reports where the time went (clickscore_stage_seconds)."""
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import re
 import sys
@@ -10,10 +12,13 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
-from hypothesis import given, strategies as st
+import pytest
+from hypothesis import given, settings, strategies as st
 
 from stream import metrics
+from stream.app import take_batches
 from stream.pipeline import batch_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +66,7 @@ def stage_counts(port: int) -> dict[str, float]:
 
 def test_an_idle_worker_scores_each_event_without_waiting_for_the_batch_window(broker, model_dir, tmp_path):
     # Faust's noack_take would hold each lone event for the whole --batch-wait-s (600 s
-    # here); eager_take hands it over as soon as nothing more is waiting.
+    # here); take_batches hands it over as soon as nothing more is waiting.
     run = uuid.uuid4().hex[:8]
     t = {name: f"{name}-{run}" for name in ("input", "scores", "next_items", "dlq", "triggers")}
     metrics_port = free_port()
@@ -82,3 +87,120 @@ def test_an_idle_worker_scores_each_event_without_waiting_for_the_batch_window(b
     assert set(counts) == set(metrics.STAGES)
     assert counts["consume"] == counts["batch_fill"] == 3          # per event
     assert all(counts[s] == 3 for s in metrics.STAGES)              # one event per batch: per batch too
+
+
+# -- take_batches: the worker's batching over the queue Faust's consumer fills, no Faust --
+
+class ThrowingQueue(asyncio.Queue):
+    """The part of Faust's FlowControlQueue take_batches uses: a queue plus thrown errors."""
+    def __init__(self):
+        super().__init__()
+        self._errors = collections.deque()
+
+
+def event(n: int, stale: bool = False):
+    return SimpleNamespace(n=n, stale=stale, message=SimpleNamespace(timestamp=time.time()))
+
+
+def admit_fresh(ev) -> bool:
+    return not ev.stale
+
+
+async def batches_of(queue, n_batches: int, max_events: int, within_s: float = 600.0, linger_s: float = 0.0,
+                     admit=admit_fresh, stop=lambda: False):
+    out = []
+    async for batch in take_batches(queue, admit, stop, max_events, within_s, linger_s):
+        out.append([ev.n for ev in batch])
+        if len(out) == n_batches:
+            break
+    return out
+
+
+def test_what_was_fetched_goes_in_full_batches_in_order_without_waiting_for_the_window():
+    async def run():
+        queue = ThrowingQueue()
+        for i in range(10):
+            queue.put_nowait(event(i))
+        started = time.perf_counter()
+        got = await batches_of(queue, 3, max_events=4)
+        return got, time.perf_counter() - started
+    got, seconds = asyncio.run(run())
+    assert got == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert seconds < 5.0              # within_s is 600: the last, short batch did not wait for it
+
+
+def test_a_lone_event_goes_at_once_and_a_linger_gathers_what_arrives_meanwhile():
+    async def run(linger_s: float):
+        queue = ThrowingQueue()
+
+        async def later():
+            await asyncio.sleep(0.05)
+            queue.put_nowait(event(1))
+        queue.put_nowait(event(0))
+        feeder = asyncio.ensure_future(later())
+        got = await batches_of(queue, 1 if linger_s else 2, max_events=256, linger_s=linger_s)
+        await feeder
+        return got
+    assert asyncio.run(run(0.0)) == [[0], [1]]
+    assert asyncio.run(run(1.0)) == [[0, 1]]
+
+
+def test_stale_events_are_left_out_and_a_batch_of_only_stale_ones_is_never_handed_over():
+    async def run():
+        queue = ThrowingQueue()
+        for i in range(3):
+            queue.put_nowait(event(i, stale=True))
+        seen = []
+
+        def admit(ev):
+            seen.append(ev.n)
+            return not ev.stale
+
+        async def later():
+            await asyncio.sleep(0.05)
+            queue.put_nowait(event(3))
+        feeder = asyncio.ensure_future(later())
+        got = await batches_of(queue, 1, max_events=2, admit=admit)
+        await feeder
+        return got, seen
+    got, seen = asyncio.run(run())
+    assert got == [[3]]
+    assert seen == [0, 1, 2, 3]       # each event offered to admit exactly once
+
+
+def test_an_error_thrown_into_the_channel_is_raised_and_should_stop_ends_the_batches():
+    async def thrown():
+        queue = ThrowingQueue()
+        queue.put_nowait(event(0))
+        queue._errors.append(ValueError("thrown"))
+        return await batches_of(queue, 1, max_events=4)
+    with pytest.raises(ValueError, match="thrown"):
+        asyncio.run(thrown())
+
+    async def stopped():
+        queue = ThrowingQueue()
+        queue.put_nowait(event(0))
+        return await batches_of(queue, 5, max_events=4, stop=lambda: True)
+    assert asyncio.run(stopped()) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(stale=st.lists(st.booleans(), max_size=40), max_events=st.integers(1, 9))
+def test_batches_hold_every_admitted_event_once_in_order_and_never_more_than_max(stale, max_events):
+    fresh = [i for i, s in enumerate(stale) if not s]
+
+    async def run():
+        queue = ThrowingQueue()
+        for i, s in enumerate(stale):
+            queue.put_nowait(event(i, s))
+        out = []
+        if not fresh:
+            return out
+        async for batch in take_batches(queue, admit_fresh, lambda: False, max_events, 600.0):
+            out.append([ev.n for ev in batch])
+            if sum(map(len, out)) == len(fresh):
+                break
+        return out
+    got = asyncio.run(run())
+    assert [n for batch in got for n in batch] == fresh
+    assert all(0 < len(batch) <= max_events for batch in got)

@@ -40,6 +40,14 @@ def test_vocabulary_has_explicit_padding_oov_and_missing():
     assert a.n_items == 5
 
 
+def test_item_ids_of_names_a_top_k_array_as_item_id_names_each_index():
+    a = artefacts()
+    indices = np.array([[2, 3, 4], [0, 1, 5], [-1, 4, 99]])
+    assert a.item_ids_of(indices) == [[a.item_id(i) for i in row] for row in indices]
+    assert a.item_ids_of(indices)[0] == ["b", "a", "c"] and a.item_ids_of(indices)[1] == [None, None, None]
+    assert a.item_ids_of(np.zeros((0, 20), dtype=np.int64)) == []
+
+
 def test_artefacts_round_trip_and_detect_corruption(tmp_path):
     a = artefacts()
     path = a.save(tmp_path / "features.json")
