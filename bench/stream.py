@@ -2,13 +2,15 @@
 
     .venv/bin/python -m bench.stream --events 20000
     .venv/bin/python -m bench.stream --events 20000 --n-items 50000 --no-baselines
+    .venv/bin/python -m bench.stream --events 20000 --log yoochoose:../shared/datasets/yoochoose-100k
     .venv/bin/python -m bench.stream --events 5000 --model onnx_models/default --batch-size 128 --profile 10
     # A/B of latency settings at a fixed rate, kept apart from the stream figures:
     .venv/bin/python -m bench.stream --events 600 --latency-rate 200 --no-baselines --no-step \
         --record-as latency --fetch-max-wait-ms 100 --batch-linger-s 0.01
 
 Starts one embedded broker, then on it:
-1. a real `clickscore worker` (subprocess). `--events` simulated events are produced
+1. a real `clickscore worker` (subprocess). `--events` simulated events (or the first
+   events of a real log: `--log yoochoose:../shared/datasets/yoochoose-100k`) are produced
    into its input topic *before* it is measured, so it runs saturated:
    events_per_s = events / (last next-items append - first next-items append).
    The event-loop lag histogram is scraped before and after this phase.
@@ -73,7 +75,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def simulated_events(n: int, workdir: Path, seed: int = 21) -> list[tuple[bytes, bytes, str]]:
-    """(key, value, event_id) of the first n events, in event-time order."""
+    """(key, value, event_id) of the first n events of a simulated log, in event-time order."""
     import polars as pl
 
     sessions = max(100, n // 8)
@@ -85,14 +87,53 @@ def simulated_events(n: int, workdir: Path, seed: int = 21) -> list[tuple[bytes,
         if frame.height >= n:
             break
         sessions *= 2
-    frame = frame.sort("timestamp", maintain_order=True).head(n).drop("split")
+    return as_events(frame, n, f"b{seed}")
+
+
+def log_events(n: int, workdir: Path, log: str) -> list[tuple[bytes, bytes, str]]:
+    """The first n events (event-time order) of a real log, `DATASET:PATH` as `clickscore
+    prepare --dataset DATASET --input PATH` reads it (e.g. yoochoose:../shared/datasets/yoochoose-100k).
+    Every split is used: the benchmark only needs the events."""
+    import polars as pl
+
+    dataset, sep, path = log.partition(":")
+    if not sep or not dataset or not path:
+        raise SystemExit(f"--log {log!r}: give DATASET:PATH, e.g. yoochoose:../shared/datasets/yoochoose-100k")
+    out = workdir / "log"
+    done = subprocess.run([CLICKSCORE, "prepare", "--dataset", dataset, "--input", path, "--out", str(out)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"--log {log!r}: clickscore prepare failed:\n{done.stderr[-2000:]}")
+    frame = pl.read_parquet(out / "events.parquet")
+    if frame.height < n:
+        raise SystemExit(f"--log {log!r} holds {frame.height:,} events; this run needs {n:,} "
+                         "(lower --events/--latency-events)")
+    return as_events(frame, n, "l")
+
+
+def as_events(frame, n: int, prefix: str) -> list[tuple[bytes, bytes, str]]:
+    """(key, value, event_id) of a canonical frame's first n events in event-time order."""
+    frame = frame.sort("timestamp", maintain_order=True).head(n)
+    frame = frame.drop([c for c in ("split",) if c in frame.columns])
     out = []
     for i, row in enumerate(frame.iter_rows(named=True)):
         event = {k: v for k, v in row.items() if v is not None}
-        event["event_id"] = f"b{seed}-{i}"
+        event["event_id"] = f"{prefix}-{i}"
         out.append((event["session_id"].encode(), json.dumps(event, separators=(",", ":")).encode(),
                     event["event_id"]))
     return out
+
+
+def past_window_share(events: list[tuple[bytes, bytes, str]], window: int = 100) -> float:
+    """Share of events at a position past `window` in their session (counted from the first
+    event of a session id in `events`): the events the worker scores by the window graph,
+    because a GRU's state cannot step exactly past the window's edge."""
+    seen: dict[bytes, int] = {}
+    past = 0
+    for key, _, _ in events:
+        seen[key] = seen.get(key, 0) + 1
+        past += seen[key] > window
+    return past / max(1, len(events))
 
 
 def scrape_histogram(port: int, name: str) -> dict[str, float]:
@@ -381,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baselines", action="store_true", help="skip the Faust consume-only/pass-through runs")
     parser.add_argument("--step-repeats", type=int, default=20, help="timed runs per window/step figure")
     parser.add_argument("--no-step", action="store_true", help="skip the window-vs-step model cost")
+    parser.add_argument("--log", default="",
+                        help="events from a real log, DATASET:PATH as clickscore prepare reads it "
+                             "(e.g. yoochoose:../shared/datasets/yoochoose-100k), instead of simulated ones")
     parser.add_argument("--record-as", default="stream",
                         help="results file bench/results/NAME-<date>.json (latency: A/B runs on a loaded machine)")
     parser.add_argument("--profile", type=float, default=0.0, help="py-spy the worker for S s of the paced phase")
@@ -421,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(work / "model")
         model_note = str(model)
     profiled_n = args.latency_events if args.profile else 0
-    events = simulated_events(args.events + args.latency_events + profiled_n, work)
+    wanted = args.events + args.latency_events + profiled_n
+    events = log_events(wanted, work, args.log) if args.log else simulated_events(wanted, work)
     saturated = events[:args.events]
     paced = events[args.events:args.events + args.latency_events]
     profiled_events = events[args.events + args.latency_events:]
@@ -506,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "events": len(saturated),
+        "log": args.log or "simulated (clickscore simulate, seed 21)",
+        "past_window_share": round(past_window_share(saturated), 4),
         "events_per_s": round(events_per_s, 1),
         "p50_ms": round(float(np.percentile(latencies, 50)), 1),
         "p99_ms": round(float(np.percentile(latencies, 99)), 1),

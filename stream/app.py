@@ -157,8 +157,8 @@ async def take_batches(queue: Any, admit, should_stop, max_events: int, within_s
     is busy, so batches grow by themselves; at a low rate each event goes alone, at once.
     The queue is bounded (stream_buffer_maxsize): Faust pauses fetching while it is full.
 
-    `admit(event) -> bool` does per event what the Stream did (stale-generation events are
-    acked and left out; see `admitter`). `consume_stage`/`fill_stage` (histogram children)
+    `admit(event) -> bool` does per event what the Stream did (events fetched before a
+    rebalance are left out, unacked; see `admitter`). `consume_stage`/`fill_stage` (histogram children)
     get, per event, the time from its Kafka append to its drain from the queue and from
     there to its batch's hand-over."""
     errors = getattr(queue, "_errors", None)   # exceptions thrown into the channel (Faust's throw)
@@ -214,9 +214,17 @@ async def take_batches(queue: Any, admit, should_stop, max_events: int, within_s
 
 def admitter(app: Any):
     """What Faust's Stream does for each event it takes from the queue, for take_batches:
-    after a rebalance (flow control off, or the event fetched in an older consumer
-    generation) the event is acked and skipped, as the Stream skips it; otherwise it is
-    tracked as unacked (the consumer waits for those before giving partitions away)."""
+    an event fetched before a rebalance (flow control off, or an older consumer generation)
+    is left out, and every other one is tracked as unacked (the consumer waits for those
+    before giving partitions away).
+
+    Unlike the Stream, a stale event is NOT acked: events wait in this queue while the
+    pipeline is busy (up to stream_buffer_maxsize), so after a rebalance a whole backlog
+    can be stale, and acking it lets Faust commit offsets that were never scored. (The
+    first clean-clone run of this code acked them, and tests/test_faults.py's frozen-worker
+    test failed: the survivor held every later record behind the hole and never scored the
+    rest; unacked, it passed.) Left unacked, they are read again: after every rebalance
+    Faust seeks the partitions it keeps or gets to their committed offsets."""
     consumer = app.consumer
     unacked_add = consumer.unacked.add
     acking_topics = app.topics.acking_topics
@@ -226,7 +234,6 @@ def admitter(app: Any):
     def admit(event: Any) -> bool:
         message = event.message
         if not flow_control.is_active() or message.generation_id != app.consumer_generation_id:
-            ack_event(app, event)
             return False
         if message.topic in acking_topics and not message.tracked:
             message.tracked = True

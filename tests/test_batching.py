@@ -204,3 +204,33 @@ def test_batches_hold_every_admitted_event_once_in_order_and_never_more_than_max
     got = asyncio.run(run())
     assert [n for batch in got for n in batch] == fresh
     assert all(0 < len(batch) <= max_events for batch in got)
+
+
+def test_admitter_leaves_events_from_before_a_rebalance_out_unacked_and_tracks_the_rest():
+    from stream.app import admitter
+
+    class FlowControl:
+        active = True
+
+        def is_active(self):
+            return self.active
+
+    seen_in = []
+    app = SimpleNamespace(consumer=SimpleNamespace(unacked=set()), topics=SimpleNamespace(acking_topics={"in"}),
+                          flow_control=FlowControl(), consumer_generation_id=2,
+                          sensors=SimpleNamespace(on_message_in=lambda tp, offset, m: seen_in.append(offset)))
+
+    class Message(SimpleNamespace):
+        __hash__ = object.__hash__                                # set members, as Faust's are
+
+    def ev(offset, generation):
+        message = Message(topic="in", tp=("in", 0), offset=offset, generation_id=generation,
+                          tracked=False, acked=False)
+        return SimpleNamespace(message=message, ack=lambda: pytest.fail("a stale event was acked"))
+    admit = admitter(app)
+    old, fresh = ev(1, 1), ev(2, 2)
+    assert not admit(old) and not old.message.tracked            # older generation: re-read later
+    assert admit(fresh) and fresh.message.tracked and fresh.message in app.consumer.unacked
+    app.flow_control.active = False                               # mid-rebalance
+    assert not admit(ev(3, 2))
+    assert seen_in == [2]
