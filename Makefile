@@ -39,6 +39,7 @@ bench: bench-stream bench-replay
 bench-stream: venv
 	$(BIN)/python -m bench.stream --events 20000 --profile 10
 	$(BIN)/python -m bench.stream --events 20000 --n-items 50000 --no-baselines
+	$(BIN)/python -m bench.stream --events 20000 --log yoochoose:../shared/datasets/yoochoose-100k --no-step
 
 .PHONY: bench-step
 bench-step: venv

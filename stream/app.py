@@ -161,55 +161,58 @@ async def take_batches(queue: Any, admit, should_stop, max_events: int, within_s
     rebalance are left out, unacked; see `admitter`). `consume_stage`/`fill_stage` (histogram children)
     get, per event, the time from its Kafka append to its drain from the queue and from
     there to its batch's hand-over."""
-    errors = getattr(queue, "_errors", None)   # exceptions thrown into the channel (Faust's throw)
-    while not should_stop():
-        if queue.empty():
-            try:
-                event = await asyncio.wait_for(queue.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                continue                      # look at should_stop again
-            pending = [event]
-        else:
-            pending = []
-        batch: list = []
-        arrived: list[float] = []
-        first = 0.0
-        spins = 0
-        while True:
-            while len(pending) + len(batch) < max_events and not queue.empty():
-                if errors:
-                    raise errors.popleft()
-                pending.append(queue.get_nowait())
-            if pending:
-                now = time.perf_counter()
-                wall = time.time()
-                for event in pending:
-                    if not admit(event):
-                        continue
-                    if consume_stage is not None and event.message.timestamp:
-                        consume_stage.observe(max(0.0, wall - event.message.timestamp))
-                    batch.append(event)
-                    arrived.append(now)
-                if batch and not first:
-                    first = now
+    # Faust ends a channel (worker shutdown) by throwing StopAsyncIteration into its queue:
+    # get()/get_nowait() raise it, and it ends the batches here, as it ends Faust's Stream.
+    # (Left to propagate, Python turns it into a RuntimeError inside an async generator.)
+    try:
+        while not should_stop():
+            if queue.empty():
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    continue                      # look at should_stop again
+                pending = [event]
+            else:
                 pending = []
+            batch: list = []
+            arrived: list[float] = []
+            first = 0.0
+            spins = 0
+            while True:
+                while len(pending) + len(batch) < max_events and not queue.empty():
+                    pending.append(queue.get_nowait())   # raises what was thrown into the channel
+                if pending:
+                    now = time.perf_counter()
+                    wall = time.time()
+                    for event in pending:
+                        if not admit(event):
+                            continue
+                        if consume_stage is not None and event.message.timestamp:
+                            consume_stage.observe(max(0.0, wall - event.message.timestamp))
+                        batch.append(event)
+                        arrived.append(now)
+                    if batch and not first:
+                        first = now
+                    pending = []
+                if not batch:
+                    break                         # every event was stale: wait for the next
+                if pipeline.batch_ready(len(batch), max_events, queue.empty(),
+                                        time.perf_counter() - first, within_s, linger_s):
+                    break
+                # Let the consumer deliver more (it runs between our awaits), bounded by
+                # within_s; yield at once the first times, then briefly sleep, so a stuck
+                # upstream does not spin the loop.
+                spins += 1
+                await asyncio.sleep(0 if spins <= DRAIN_SPINS and not linger_s else DRAIN_NAP_S)
             if not batch:
-                break                         # every event was stale: wait for the next
-            if pipeline.batch_ready(len(batch), max_events, queue.empty(),
-                                    time.perf_counter() - first, within_s, linger_s):
-                break
-            # Let the consumer deliver more (it runs between our awaits), bounded by
-            # within_s; yield at once the first times, then briefly sleep, so a stuck
-            # upstream does not spin the loop.
-            spins += 1
-            await asyncio.sleep(0 if spins <= DRAIN_SPINS and not linger_s else DRAIN_NAP_S)
-        if not batch:
-            continue
-        if fill_stage is not None:
-            now = time.perf_counter()
-            for seen in arrived:
-                fill_stage.observe(now - seen)
-        yield batch
+                continue
+            if fill_stage is not None:
+                now = time.perf_counter()
+                for seen in arrived:
+                    fill_stage.observe(now - seen)
+            yield batch
+    except StopAsyncIteration:
+        return
 
 
 def admitter(app: Any):

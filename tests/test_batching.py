@@ -4,7 +4,6 @@ not after --batch-wait-s, and reports where the time went (clickscore_stage_seco
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import re
 import sys
@@ -16,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings, strategies as st
+from mode.utils.queues import FlowControlEvent, ThrowableQueue
 
 from stream import metrics
 from stream.app import take_batches
@@ -91,11 +91,10 @@ def test_an_idle_worker_scores_each_event_without_waiting_for_the_batch_window(b
 
 # -- take_batches: the worker's batching over the queue Faust's consumer fills, no Faust --
 
-class ThrowingQueue(asyncio.Queue):
-    """The part of Faust's FlowControlQueue take_batches uses: a queue plus thrown errors."""
-    def __init__(self):
-        super().__init__()
-        self._errors = collections.deque()
+def ThrowingQueue():
+    """The queue Faust gives a channel (mode's ThrowableQueue: errors thrown into it are
+    raised by get/get_nowait), unbounded here."""
+    return ThrowableQueue(maxsize=0, flow_control=FlowControlEvent())
 
 
 def event(n: int, stale: bool = False):
@@ -182,6 +181,24 @@ def test_an_error_thrown_into_the_channel_is_raised_and_should_stop_ends_the_bat
         queue.put_nowait(event(0))
         return await batches_of(queue, 5, max_events=4, stop=lambda: True)
     assert asyncio.run(stopped()) == []
+
+
+def test_the_end_of_the_channel_ends_the_batches_whether_waiting_or_draining():
+    # Faust ends a channel on shutdown by throwing StopAsyncIteration into its queue.
+    async def run(first_events: int):
+        queue = ThrowingQueue()
+        for i in range(first_events):
+            queue.put_nowait(event(i))
+
+        async def later():
+            await asyncio.sleep(0.05)
+            queue._throw(StopAsyncIteration())
+        feeder = asyncio.ensure_future(later())
+        got = await batches_of(queue, 5, max_events=4, linger_s=1.0)
+        await feeder
+        return got
+    assert asyncio.run(run(0)) == []            # thrown while waiting for the first event
+    assert asyncio.run(run(2)) == []            # thrown while lingering: the unfinished batch was never handed over
 
 
 @settings(max_examples=60, deadline=None)
