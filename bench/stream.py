@@ -114,7 +114,8 @@ def log_events(n: int, workdir: Path, log: str) -> list[tuple[bytes, bytes, str]
 def as_events(frame, n: int, prefix: str) -> list[tuple[bytes, bytes, str]]:
     """(key, value, event_id) of a canonical frame's first n events in event-time order."""
     frame = frame.sort("timestamp", maintain_order=True).head(n)
-    frame = frame.drop([c for c in ("split",) if c in frame.columns])
+    if "split" in frame.columns:
+        frame = frame.drop("split")
     out = []
     for i, row in enumerate(frame.iter_rows(named=True)):
         event = {k: v for k, v in row.items() if v is not None}

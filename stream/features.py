@@ -162,8 +162,7 @@ class FeatureArtefacts:
 
     def item_id(self, index: int) -> str | None:
         """Inverse of item_index for known items; None for padding/OOV."""
-        k = int(index) - ITEM_OFFSET
-        return self.items[k] if 0 <= k < len(self.items) else None
+        return self.item_ids_of(np.array([[index]]))[0][0]
 
     def item_ids_of(self, indices: np.ndarray) -> list[list[str | None]]:
         """item_id over a (B, k) array of indices, as lists: one numpy gather instead of a

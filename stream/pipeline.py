@@ -104,7 +104,7 @@ class Rejected:
 
 def batch_ready(buffered: int, max_events: int, upstream_empty: bool, waited_s: float,
                 within_s: float, linger_s: float = 0.0) -> bool:
-    """Whether a micro-batch goes now (stream/app.py eager_take; `waited_s` counts from
+    """Whether a micro-batch goes now (stream/app.py take_batches; `waited_s` counts from
     its first event): it is full; or events are in hand, nothing more was fetched and
     `linger_s` has passed (0: at once, so when the input is idle one event goes alone);
     or `within_s` has passed while fetched events kept coming in. Under load the buffer
