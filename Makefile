@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv system-deps test demo bench bench-stream bench-replay clean
+.PHONY: venv system-deps test demo bench bench-stream bench-pipeline bench-replay clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,12 +34,17 @@ test: venv system-deps
 demo: venv
 	$(BIN)/clickscore demo
 
-bench: bench-stream bench-replay
+bench: bench-stream bench-pipeline bench-replay
 
 bench-stream: venv
 	$(BIN)/python -m bench.stream --events 20000 --profile 10
 	$(BIN)/python -m bench.stream --events 20000 --n-items 50000 --no-baselines
 	$(BIN)/python -m bench.stream --events 20000 --log yoochoose:../shared/datasets/yoochoose-100k --no-step
+
+# CPU per event of the worker's batch logic alone (prepare, score, finish), no Kafka
+bench-pipeline: venv
+	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.pipeline --log yoochoose:../shared/datasets/yoochoose-100k
 
 .PHONY: bench-step
 bench-step: venv

@@ -22,6 +22,9 @@ Inputs are random valid indices (the cost does not depend on them). Each figure 
 the median over --repeats timed runs after warm-up. Prints one JSON line and appends
 it to bench/results/step-<date>.json with the machine (bench/record.py).
 Targets (issue 11): speedup at batch 1 >= 30 for the GRU, >= 10 for the dilated model.
+With batch 1 measured, floors_b1 records what bounds that speedup (`floors`): onnxruntime's
+cost of one call with the step graph's feeds (call_us), the next-item head alone
+(head_us), and speedup_bound = window_us / head_us.
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ from bench.record import append_result, machine
 from stream.events import EVENT_TYPES
 from stream.features import (EVENT_ROW, INPUT_NAMES, ITEM_OFFSET, WINDOW, FeatureArtefacts, encode_windows,
                              id_hashes, session_rows)
-from stream.scoring import STEP_FILE, STEP_INPUT_NAMES, TOP_K_OUTPUTS, ModelScorer, new_state_name
+from stream.scoring import (STEP_FILE, STEP_INPUT_NAMES, TOP_K_INPUT, TOP_K_OUTPUTS, ModelScorer,
+                            new_state_name)
 
 KINDS = ("gru", "dilated")
 
@@ -122,7 +126,67 @@ def measure(folder: Path, batch_sizes: list[int], threads: int, repeats: int, to
             "api_window_us": us(api_window_s), "api_step_us": us(api_step_s),
             "api_speedup": round(api_window_s / api_step_s, 1),
         }
+    if 1 in batch_sizes:
+        figures["floors_b1"] = floors(scorer, folder, repeats, top_k)
+        figures["floors_b1"]["speedup_bound"] = round(
+            figures["batches"]["1"]["window_us"] / figures["floors_b1"]["head_us"], 1)
     return figures
+
+
+def floors(scorer: ModelScorer, folder: Path, repeats: int, top_k: int) -> dict:
+    """What bounds the step graph's cost at batch 1, timed like the graphs (medians):
+    - call_us: an identity graph with the step graph's inputs and outputs: onnxruntime's
+      own cost of one run with these feeds and fetches, before any computing;
+    - head_us: the next-item head alone on one event: Gemm against the tied item embedding
+      (n_items x E), LogSoftmax, TopK k (the projection to E and the bias left out). An exact step must compute it for every event, as the window graph
+      does once per window, so window_us / head_us bounds the step's speedup at batch 1
+      whatever the rest of the step costs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    step = onnx.load(str(folder / STEP_FILE))
+    inputs = [value for value in step.graph.input if value.name != TOP_K_INPUT]
+    outputs = []
+    for value in inputs:
+        out = onnx.ValueInfoProto()
+        out.CopyFrom(value)
+        out.name = f"{value.name}_out"
+        outputs.append(out)
+    identity = helper.make_graph([helper.make_node("Identity", [v.name], [f"{v.name}_out"]) for v in inputs],
+                                 "call_floor", inputs, outputs)
+    # The head scores against the tied item embedding (n_items, E): its width from the graph.
+    hidden = next(int(t.dims[1]) for t in step.graph.initializer
+                  if len(t.dims) == 2 and t.dims[0] == scorer.info.n_items)
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((scorer.info.n_items, hidden)).astype(np.float32), "w"),
+               numpy_helper.from_array(np.zeros(scorer.info.n_items, np.float32), "b"),
+               numpy_helper.from_array(np.array([top_k], np.int64), "k")]
+    head = helper.make_graph(
+        [helper.make_node("Gemm", ["h", "w", "b"], ["logits"], transB=1),
+         helper.make_node("LogSoftmax", ["logits"], ["log_p"], axis=1),
+         helper.make_node("TopK", ["log_p", "k"], ["top_scores", "top_items"], axis=1)],
+        "head_floor", [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", hidden])],
+        [helper.make_tensor_value_info("top_scores", TensorProto.FLOAT, ["batch", top_k]),
+         helper.make_tensor_value_info("top_items", TensorProto.INT64, ["batch", top_k])], weights)
+
+    def session(graph):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = step.ir_version
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    window = random_window(np.random.default_rng(2), scorer.artefacts)
+    encoded = encode_windows([window], scorer.artefacts)
+    _, states = scorer.score_windows_with_state([window], top_k)
+    feeds = {n: encoded[n][:, -1] for n in STEP_INPUT_NAMES} | scorer._unpack(states)
+    call, names = session(identity), [v.name for v in outputs]
+    call_s, _ = timed(lambda: call.run(names, feeds), repeats)
+    head_session, h = session(head), np.zeros((1, hidden), np.float32)
+    head_s, _ = timed(lambda: head_session.run(["top_scores", "top_items"], {"h": h}), repeats)
+    return {"call_us": round(call_s * 1e6, 2), "head_us": round(head_s * 1e6, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,12 @@ Starts one embedded broker, then on it:
    pre-produced events: passthrough_events_per_s, the ceiling Faust itself sets;
    and a Faust agent that only consumes them: consume_only_events_per_s (first to
    last event seen by the agent, its own clock). --no-baselines skips both.
+4. the worker's Kafka I/O alone (bench/io_floor.py): a Faust agent that takes events as
+   the worker does and sends the records the worker would send for them (next-items and
+   buyer-scores of the sizes the worker sent, one changelog record per session and batch
+   of its state size), and nothing else: io_floor_events_per_s bounds the worker's rate,
+   so io_floor_vs_passthrough and io_floor_vs_consume_only bound the worker's ratios.
+   Skipped with the other baselines.
 
 Also recorded: the model-state cache's counters after the saturated run (hits,
 misses, too_long, bytes per session: clickscore_model_cache_*), and the model's cost
@@ -531,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                             "p99_ms": round(float(np.percentile(profiled_latencies, 99)), 1),
                             "stages_ms": stage_summary(stages_paced, profiled_stages)}
 
-        passthrough = consumed = None
+        passthrough = consumed = io_floor = io_sizes = None
         if not args.no_baselines:
             # Pass-through Faust agent on the same events and broker.
             sink = f"bench-pass-{run}"
@@ -544,6 +550,25 @@ def main(argv: list[str] | None = None) -> int:
                 lifecycle.stop_child(pass_proc, grace_s=lifecycle.STOP_DEADLINE_S)
             passthrough = round(throughput(forwarded[:len(saturated)]), 1)
             consumed = round(consume_only(broker, topics["input"], len(saturated), work), 1)
+            # The worker's I/O alone (bench/io_floor.py), with the sizes of the records it sent.
+            sample = read_topic(broker, topics["scores"], lambda r: len(r) >= 1000, timeout=60, settle=0)
+            io_sizes = {"scores_bytes": round(float(np.mean([len(r.value) for r in sample]))),
+                        "next_items_bytes": round(float(np.mean([len(r.value) for r in scored])))}
+            floor_sink = f"bench-floor-{run}"
+            floor_proc = lifecycle.spawn([sys.executable, "-m", "bench.io_floor", broker, topics["input"],
+                                          floor_sink, str(io_sizes["scores_bytes"]),
+                                          str(io_sizes["next_items_bytes"]), str(free_port()), str(len(events)),
+                                          str(work / "io_floor.json")], cwd=REPO,
+                                         stdout=open(work / "io_floor.log", "wb"), stderr=subprocess.STDOUT)
+            try:
+                floored = read_topic(broker, f"{floor_sink}-next-items", lambda r: len(r) >= len(events),
+                                     timeout=1800, settle=0)
+            finally:
+                lifecycle.stop_child(floor_proc, grace_s=lifecycle.STOP_DEADLINE_S)
+            io_floor = round(throughput(floored[:len(saturated)]), 1)
+            if (work / "io_floor.json").is_file():
+                meter = json.loads((work / "io_floor.json").read_text())
+                io_sizes["us_per_event"] = round(meter["cpu_s"] / meter["events"] * 1e6, 1)
     # Model cost per event, window vs step, on the served folder (one thread, as the worker's
     # inference thread runs it here).
     from bench.step import measure
@@ -563,6 +588,12 @@ def main(argv: list[str] | None = None) -> int:
         "consume_only_events_per_s": consumed,
         "worker_vs_passthrough": round(events_per_s / passthrough, 2) if passthrough else None,
         "worker_vs_consume_only": round(events_per_s / consumed, 2) if consumed else None,
+        # bench/io_floor.py: the worker's own Kafka I/O, nothing else; bounds the worker's rate
+        "io_floor_events_per_s": io_floor,
+        "io_floor_sizes": io_sizes,     # and its CPU per event (us_per_event, all threads)
+        "io_floor_vs_passthrough": round(io_floor / passthrough, 2) if io_floor and passthrough else None,
+        "io_floor_vs_consume_only": round(io_floor / consumed, 2) if io_floor and consumed else None,
+        "worker_vs_io_floor": round(events_per_s / io_floor, 2) if io_floor else None,
         "cpu_saturated": cpu_saturated,
         "model_cache": cache,
         "model_cost_per_event": step_costs,

@@ -1,0 +1,46 @@
+"""The benchmarks' own logic that their figures rest on (no broker).
+
+    .venv/bin/python -m pytest tests/test_bench_tools.py -q
+
+bench/io_floor.py sends, per session and batch, a changelog record of the size the
+worker's state value has: if that size drifted from stream/session_state.py, the floor
+would stop bounding the worker. bench/pipeline.py must account for every event it
+drives through the worker's batch logic, or its CPU per event would be per nothing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bench.io_floor import state_bytes
+from stream.events import ClickEvent
+from stream.features import WINDOW, FeatureArtefacts
+from stream.session_state import advance
+
+REPO = Path(__file__).resolve().parents[1]
+ARTEFACTS = FeatureArtefacts(items=("a", "b"), categories=("x",), dwell_mean=0.0, dwell_std=1.0,
+                             price_mean=0.0, price_std=1.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(min_value=1, max_value=WINDOW + 40))
+def test_io_floor_changelog_record_is_the_worker_state_size(events):
+    state = None
+    for i in range(events):
+        state = advance(state, ClickEvent("s", "view", "ab"[i % 2], 1_767_571_253_772 + i * 1000),
+                        ARTEFACTS, 0, i, 3_600_000)
+    assert len(state.to_bytes()) == state_bytes(events)
+
+
+def test_pipeline_bench_scores_every_event_and_reports_each_stage(tmp_path):
+    from bench.pipeline import STAGES, run
+    from bench.stream import simulated_events
+
+    events = simulated_events(400, tmp_path)
+    figures = run(events, REPO / "onnx_models" / "default", batch_size=64)
+    assert figures["scored"] == len(events) and figures["dead_lettered"] == 0
+    assert all(figures[f"{stage}_us_per_event"] > 0 for stage in STAGES)
+    cache = figures["cache"]
+    assert cache["hits"] + cache["misses"] + cache["too_long"] + cache["deep"] == len(events)
