@@ -293,6 +293,16 @@ def replay_view(state: SessionState, offset: int) -> Replay | None:
                   0 < state.first_transaction < number, 0 < state.first_addtocart <= number)
 
 
+def idle_now(keys: Iterable[bytes], current: Callable[[bytes], "bytes | None"], watermarks: dict[int, int],
+             timeout_ms: int, partitions: set[int] | None = None) -> tuple[list[tuple[bytes, int]], int]:
+    """idle_keys over `keys` (a slice of the table's keys, listed before), each value read
+    now with `current(key)` (None: gone since, skipped). Lets the worker decide a large
+    table a slice per event-loop turn (stream/app.py), with each session judged on its
+    value at that moment. Returns (idle (key, partition) pairs, bytes of the values read)."""
+    items = [(key, value) for key in keys if (value := current(key)) is not None]
+    return list(idle_keys(items, watermarks, timeout_ms, partitions)), sum(len(value) for _, value in items)
+
+
 def idle_keys(items: Iterable[tuple[bytes, bytes]], watermarks: dict[int, int], timeout_ms: int,
               partitions: set[int] | None = None) -> Iterator[tuple[bytes, int]]:
     """(key, partition) of every session idle beyond the timeout at its partition's watermark.

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from stream.events import ClickEvent
 from stream.features import EVENT_ROW, WINDOW, FeatureArtefacts, append_event, empty_window, encode_windows
 from stream.session_state import (HEADER_SIZE, MAX_REPLAY_ROWS, STATE_VERSION, SessionState, StateError, advance,
-                                  idle_keys, kept_rows, migrated_from, read_header, replay_view)
+                                  idle_keys, idle_now, kept_rows, migrated_from, read_header, replay_view)
 
 V1_FIXTURE = Path(__file__).parent / "fixtures" / "state_v1" / "sessions.json"
 
@@ -78,6 +78,24 @@ def test_idle_keys_use_each_partitions_watermark_and_only_owned_partitions():
     watermarks = {0: T0 + 2 * HOUR + 1, 1: T0 + HOUR}   # partition 1 has not moved on
     assert list(idle_keys(items, watermarks, HOUR)) == [(b"old", 0)]
     assert list(idle_keys(items, {0: T0 + 3 * HOUR, 1: T0 + 3 * HOUR}, HOUR, partitions={1})) == [(b"other", 1)]
+
+
+def test_a_sliced_scan_judges_each_session_on_its_value_when_its_slice_is_decided():
+    # The worker lists the table's keys, then decides a slice per event-loop turn; batches
+    # run in between. A session that got a new event since must not be tombstoned, one
+    # deleted since is skipped, and slices decide what one whole scan would.
+    old = run([click(0, ts=T0)], partition=0)
+    moved_on = run([click(0, ts=T0, session="s2")], partition=0)
+    table = {b"old": old.to_bytes(), b"moved-on": moved_on.to_bytes(), b"gone": old.to_bytes()}
+    keys = list(table)
+    watermarks = {0: T0 + 2 * HOUR}
+    whole = idle_now(keys, table.get, watermarks, HOUR)
+    assert whole == ([(b"old", 0), (b"moved-on", 0), (b"gone", 0)], sum(len(v) for v in table.values()))
+    assert [hit for key in keys for hit in idle_now([key], table.get, watermarks, HOUR)[0]] == whole[0]
+    table[b"moved-on"] = advance(moved_on, click(1, ts=T0 + 2 * HOUR, session="s2"), ARTEFACTS, 0, 9, HOUR).to_bytes()
+    del table[b"gone"]                                   # evicted or revoked meanwhile
+    assert idle_now(keys, table.get, watermarks, HOUR)[0] == [(b"old", 0)]
+    assert idle_now(keys, table.get, watermarks, HOUR, partitions={1})[0] == []
 
 
 def test_replay_view_rebuilds_the_session_as_of_a_redelivered_event():

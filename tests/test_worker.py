@@ -356,7 +356,9 @@ def test_worker_refuses_a_model_that_does_not_match(broker, model_dir, tmp_path)
     assert time.monotonic() - started < 15
 
 
-def test_idle_sessions_are_evicted_on_the_event_time_watermark(broker, model_dir, tmp_path):
+def test_idle_sessions_are_evicted_on_the_event_time_watermark(broker, model_dir, tmp_path, store):
+    # Both stores: the scan lists the table's keys and reads each value when its slice is
+    # decided, outside any event's context (RocksDB then finds the key's partition itself).
     t = topics()
     sim_path = tmp_path / "sim.parquet"
     subprocess.run([CLICKSCORE, "simulate", "--sessions", "60", "--seed", "13", "--out", str(sim_path)],
@@ -367,8 +369,9 @@ def test_idle_sessions_are_evicted_on_the_event_time_watermark(broker, model_dir
     late = [{"session_id": f"late-{i}", "event_type": "view", "item_id": "1", "timestamp": last + 30 * 86_400_000,
              "event_id": f"late-{i}"} for i in range(24)]
     app_id = f"app-{uuid.uuid4().hex[:8]}"
+    data_dir = tmp_path / "data"
     with WorkerProcess(broker, model_dir, t, app_id, tmp_path / "worker.log", free_port(),
-                       ["--session-timeout-s", "1800"]) as worker:
+                       ["--session-timeout-s", "1800", "--store", store, "--data-dir", str(data_dir)]) as worker:
         metadata = produce(broker, t["input"], [(e["session_id"].encode(), json.dumps(e).encode()) for e in log])
         read_topic(broker, t["next_items"], lambda r: len(r) >= len(log), timeout=120, settle=0)
         time.sleep(6)   # the next batch after EVICTION_SCAN_S runs a scan
@@ -385,6 +388,7 @@ def test_idle_sessions_are_evicted_on_the_event_time_watermark(broker, model_dir
     assert {r.key.decode() for r in tombstones} == old_sessions      # every old session, no late one
     assert all(r.partition == partition_of[r.key.decode()] for r in tombstones)
     assert "evicted" in worker.log()
+    assert_store_used(store, data_dir)
 
 
 def test_triggers_fire_as_the_rule_engine_says_on_the_streamed_probabilities(broker, model_dir, scorer, tmp_path):
