@@ -12,15 +12,16 @@ CPU provider, one thread):
 - prepare: decode, key check, advance the session state (the table writes' values);
 - score: model_cache.score_batch through the model-state cache (step graph, window graph
   for misses, sessions past the window and deep chains);
-- finish: output records (buyer-scores, next-items JSON).
+- finish: output records (buyer-scores, next-items JSON). Marketing triggers are left
+  out (they need the worker's trigger table); the worker's `finish` stage includes them.
 Each figure is process CPU time (time.process_time) per event, so it is steadier than
-wall-clock rates on a shared machine. onnxruntime_us_per_event is the part of `score` spent
-inside onnxruntime's run (which releases the GIL); python_us_per_event is the rest of all
-three stages: Python that holds the GIL, which the worker's event loop and inference
-thread share (docs/operations.md, "What bounds the worker"). What the worker spends beyond these is Kafka and
-Faust: bench/stream.py records the worker's CPU per event and that of its I/O alone
-(bench/io_floor.py). Prints one JSON line and appends it to
-bench/results/pipeline-<date>.json with the machine (bench/record.py).
+wall-clock rates on a shared machine. onnxruntime_us_per_event is the part of `score`
+spent inside onnxruntime's run (which releases the GIL); python_us_per_event is the rest
+of all three stages: Python that holds the GIL, which the worker's event loop and
+inference thread share (docs/operations.md, "The worker's I/O alone"). What the worker
+spends beyond these is Kafka and Faust: bench/stream.py records the worker's CPU per
+event and that of its I/O alone (bench/io_floor.py). Prints one JSON line and appends it
+to bench/results/pipeline-<date>.json with the machine (bench/record.py).
 """
 from __future__ import annotations
 

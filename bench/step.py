@@ -138,9 +138,10 @@ def floors(scorer: ModelScorer, folder: Path, repeats: int, top_k: int) -> dict:
     - call_us: an identity graph with the step graph's inputs and outputs: onnxruntime's
       own cost of one run with these feeds and fetches, before any computing;
     - head_us: the next-item head alone on one event: Gemm against the tied item embedding
-      (n_items x E), LogSoftmax, TopK k (the projection to E and the bias left out). An exact step must compute it for every event, as the window graph
-      does once per window, so window_us / head_us bounds the step's speedup at batch 1
-      whatever the rest of the step costs."""
+      (n_items x E), LogSoftmax, TopK k (the projection to E and the bias left out). An
+      exact step must compute it for every event, as the window graph does once per
+      window, so window_us / head_us bounds the step's speedup at batch 1 whatever the
+      rest of the step costs."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -158,9 +159,10 @@ def floors(scorer: ModelScorer, folder: Path, repeats: int, top_k: int) -> dict:
         outputs.append(out)
     identity = helper.make_graph([helper.make_node("Identity", [v.name], [f"{v.name}_out"]) for v in inputs],
                                  "call_floor", inputs, outputs)
-    # The head scores against the tied item embedding (n_items, E): its width from the graph.
-    hidden = next(int(t.dims[1]) for t in step.graph.initializer
-                  if len(t.dims) == 2 and t.dims[0] == scorer.info.n_items)
+    # The head scores against the tied item embedding (n_items, E): its width from the graph,
+    # the widest (n_items, .) initializer (the repeat head's per-item buy rate is (n_items, 1)).
+    hidden = max(int(t.dims[1]) for t in step.graph.initializer
+                 if len(t.dims) == 2 and t.dims[0] == scorer.info.n_items)
     rng = np.random.default_rng(0)
     weights = [numpy_helper.from_array(rng.standard_normal((scorer.info.n_items, hidden)).astype(np.float32), "w"),
                numpy_helper.from_array(np.zeros(scorer.info.n_items, np.float32), "b"),

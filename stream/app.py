@@ -549,7 +549,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         running between slices, so a large table does not stall the loop: deciding a whole
         table at once held it ~0.4-0.7 us per live session (40-65 ms at 100,000, every
         EVICTION_SCAN_S), and listing its items, new tuples that set off the garbage
-        collector, another 22-26 ms; listing the keys takes ~1 ms and a slice 2.5-4.7 ms
+        collector, another 16-26 ms; listing the keys takes ~1 ms and a slice 2.5-4.7 ms
         (`python -m bench.eviction`).
         Only the keys are listed up front; each value is read when its slice is decided,
         and ownership is read again for every slice (a rebalance may come in between)."""
