@@ -40,6 +40,9 @@ bench-stream: venv
 	$(BIN)/python -m bench.stream --events 20000 --profile 10
 	$(BIN)/python -m bench.stream --events 20000 --n-items 50000 --no-baselines
 	$(BIN)/python -m bench.stream --events 20000 --log yoochoose:../shared/datasets/yoochoose-100k --no-step
+	# one worker process per core (clickscore worker --processes 2), against the same baselines
+	$(BIN)/python -m bench.stream --events 20000 --no-step --worker-processes 2
+	$(BIN)/python -m bench.stream --events 20000 --n-items 50000 --no-baselines --no-step --worker-processes 2
 
 # CPU per event of the worker's batch logic alone (prepare, score, finish), no Kafka
 bench-pipeline: venv

@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.stream --events 20000
     .venv/bin/python -m bench.stream --events 20000 --n-items 50000 --no-baselines
     .venv/bin/python -m bench.stream --events 20000 --log yoochoose:../shared/datasets/yoochoose-100k
+    .venv/bin/python -m bench.stream --events 20000 --no-step --worker-processes 2
     .venv/bin/python -m bench.stream --events 5000 --model onnx_models/default --batch-size 128 --profile 10
     # A/B of latency settings at a fixed rate, kept apart from the stream figures:
     .venv/bin/python -m bench.stream --events 600 --latency-rate 200 --no-baselines --no-step \
@@ -36,7 +37,11 @@ measured saturated rate. Where the time goes: the worker's clickscore_stage_seco
 means, per stage, for the saturated and the paced phase (stages_*_ms: consume and
 batch_fill per event, the rest per micro-batch; see docs/operations.md), and the worker's
 CPU per event in the saturated phase (cpu_saturated: whole process and event-loop thread,
-from /proc, between 10% and 90% of the events; steadier than events/s on a shared machine). --profile S
+from /proc, between 10% and 90% of the events; steadier than events/s on a shared machine;
+machine_busy_cores and machine_us_per_event: every core's busy time, broker and benchmark
+included, so a run shows whether the machine or the worker was the bound).
+--worker-processes N runs `clickscore worker --processes N`: the same figures, summed over
+the N processes (their metrics ports and CPU), py-spy on the first. --profile S
 adds a second paced phase of --latency-events events, sampled by py-spy for S seconds,
 and records the functions that hold the most samples (own time) and that phase's own
 p50/p99 and stages (profiled_paced); p50_ms/p99_ms always come from the unsampled phase.
@@ -143,27 +148,34 @@ def past_window_share(events: list[tuple[bytes, bytes, str]], window: int = 100)
     return past / max(1, len(events))
 
 
-def scrape_histogram(port: int, name: str) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for line in text.splitlines():
+def metrics_text(port: int | list[int]) -> str:
+    """The /metrics page of one worker process, or of each (`--worker-processes N`: ports
+    METRICS_PORT..+N-1) one after another: counters, sums and histogram buckets of the
+    same series then add up across them in the parsers below."""
+    ports = port if isinstance(port, list) else [port]
+    return "\n".join(urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=5).read().decode()
+                     for p in ports)
+
+
+def scrape_histogram(port: int | list[int], name: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in metrics_text(port).splitlines():
         m = re.match(rf'{name}_bucket{{le="([^"]+)"}} (\S+)', line)
         if m:
-            out[m.group(1)] = float(m.group(2))
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
         for suffix in ("sum", "count"):
             if line.startswith(f"{name}_{suffix} "):
-                out[suffix] = float(line.split()[1])
+                out[suffix] = out.get(suffix, 0.0) + float(line.split()[1])
     return out
 
 
-def scrape_stages(port: int) -> dict[str, tuple[float, float]]:
+def scrape_stages(port: int | list[int]) -> dict[str, tuple[float, float]]:
     """clickscore_stage_seconds: stage -> (sum, count)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out: dict[str, list[float]] = {}
-    for line in text.splitlines():
+    for line in metrics_text(port).splitlines():
         m = re.match(r'clickscore_stage_seconds_(sum|count){stage="([^"]+)"} (\S+)', line)
         if m:
-            out.setdefault(m.group(2), [0.0, 0.0])[0 if m.group(1) == "sum" else 1] = float(m.group(3))
+            out.setdefault(m.group(2), [0.0, 0.0])[0 if m.group(1) == "sum" else 1] += float(m.group(3))
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
@@ -178,9 +190,8 @@ def stage_summary(before: dict, after: dict) -> dict[str, dict]:
     return out
 
 
-def model_provider(port: int) -> str:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    m = re.search(r'clickscore_model_info{[^}]*provider="([^"]+)"', text)
+def model_provider(port: int | list[int]) -> str:
+    m = re.search(r'clickscore_model_info{[^}]*provider="([^"]+)"', metrics_text(port))
     return m.group(1) if m else "unknown"
 
 
@@ -283,36 +294,44 @@ def consume_only(broker: str, topic: str, n: int, work: Path) -> float:
     return (figures["events"] - 1) / figures["seconds"]
 
 
-def scrape_cache(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for line in text.splitlines():
+def scrape_cache(port: int | list[int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in metrics_text(port).splitlines():
         if line.startswith("clickscore_model_cache_") and "_created" not in line:
             name, value = line.split()[:2]
-            out[name.removeprefix("clickscore_model_cache_").removesuffix("_total")] = float(value)
+            name = name.removeprefix("clickscore_model_cache_").removesuffix("_total")
+            out[name] = out.get(name, 0.0) + float(value)
     if out.get("sessions"):
         out["bytes_per_session"] = round(out["bytes"] / out["sessions"], 1)
     return out
 
 
-def cpu_seconds(pid: int) -> dict[str, float] | None:
+def cpu_seconds(pid: int | list[int]) -> dict[str, float] | None:
     """CPU seconds (user + system) of the whole process, of its main thread (the event
     loop: Faust runs it on the thread whose id is the pid) and of its child processes
-    (the inference process), from /proc (Linux)."""
+    (the inference process), from /proc (Linux); summed over the worker processes when
+    given several pids."""
     def cpu(stat_of: str) -> float:
         fields = proc_stat(stat_of)
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    pids = pid if isinstance(pid, list) else [pid]
     try:
         # children: the inference process of --inference-process true
-        return {"process": cpu(str(pid)), "event_loop": cpu(f"{pid}/task/{pid}"),
-                "children": sum(cpu(str(child)) for child in child_pids(pid))}
+        return {"process": sum(cpu(str(p)) for p in pids), "event_loop": sum(cpu(f"{p}/task/{p}") for p in pids),
+                "children": sum(cpu(str(child)) for p in pids for child in child_pids(p))}
     except (OSError, ValueError, IndexError):
         return None
 
 
-def events_consumed(port: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines()
+def machine_busy_s() -> float:
+    """CPU seconds all cores of the machine spent busy (not idle, not waiting on I/O) since
+    boot, from /proc/stat (Linux): the broker, the benchmark and everything else included."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def events_consumed(port: int | list[int]) -> float:
+    return sum(float(line.split()[-1]) for line in metrics_text(port).splitlines()
                if line.startswith("clickscore_events_consumed_total{"))
 
 
@@ -321,16 +340,26 @@ class CpuPerEvent(threading.Thread):
     and the tail left out): a figure that, unlike events/s, hardly moves when other jobs
     share the cores, so A/B runs on a busy machine still compare."""
 
-    def __init__(self, pid: int, port: int, total: int, every_s: float = 0.25):
+    def __init__(self, pid: int, port: int | list[int], total: int, every_s: float = 0.25, processes: int = 1):
         super().__init__(daemon=True)
         self.pid, self.port, self.total, self.every_s = pid, port, total, every_s
+        self.processes = processes      # > 1: `pid` is `worker --processes N`'s parent; meter its N children
         self.marks: list[tuple[float, float, dict]] = []   # (perf_counter, events, cpu)
         self.stopping = threading.Event()
+
+    def pids(self) -> list[int] | None:
+        if self.processes == 1:
+            return [self.pid]
+        children = child_pids(self.pid)
+        return children if len(children) == self.processes else None
 
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
-                done, cpu = events_consumed(self.port), cpu_seconds(self.pid)
+                pids = self.pids()
+                done, cpu = events_consumed(self.port), (cpu_seconds(pids) if pids else None)
+                if cpu is not None:
+                    cpu["machine"] = machine_busy_s()
             except OSError:
                 done, cpu = None, None
             if done is not None and cpu is not None:
@@ -353,11 +382,14 @@ class CpuPerEvent(threading.Thread):
                 "other_threads_us_per_event": round(1e6 * ((c1["process"] - c0["process"])
                                                            - (c1["event_loop"] - c0["event_loop"])) / n, 1),
                 "event_loop_core_share": round((c1["event_loop"] - c0["event_loop"]) / (t1 - t0), 2),
-                "child_processes_us_per_event": round(1e6 * (c1["children"] - c0["children"]) / n, 1)}
+                "child_processes_us_per_event": round(1e6 * (c1["children"] - c0["children"]) / n, 1),
+                # the whole machine (broker, benchmark, worker): cores busy out of machine()["cores"]
+                "machine_us_per_event": round(1e6 * (c1["machine"] - c0["machine"]) / n, 1),
+                "machine_busy_cores": round((c1["machine"] - c0["machine"]) / (t1 - t0), 2)}
 
 
 def paced_phase(broker: str, topics: dict, events: list, rate: float, done_before: int,
-                metrics_port: int) -> tuple[np.ndarray, dict]:
+                metrics_port: int | list[int]) -> tuple[np.ndarray, dict]:
     """Produce `events` at `rate` per second; their event-to-output latencies (ms, Kafka
     CreateTime of the next-items output minus that of the input) and the worker's stage
     histograms once all of them are scored (done_before: next-items outputs already there)."""
@@ -426,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fetch-max-wait-ms", type=int, default=0,
                         help="worker --fetch-max-wait-ms (0: the worker's default)")
     parser.add_argument("--inference-threads", type=int, default=1, help="worker --inference-threads")
+    parser.add_argument("--worker-processes", type=int, default=1,
+                        help="worker --processes: N worker processes in one group (metrics summed over them)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the Faust consume-only/pass-through runs")
     parser.add_argument("--step-repeats", type=int, default=20, help="timed runs per window/step figure")
     parser.add_argument("--no-step", action="store_true", help="skip the window-vs-step model cost")
@@ -482,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         run = uuid.uuid4().hex[:8]
         topics = {name: f"bench-{name}-{run}" for name in ("input", "scores", "next_items", "dlq", "triggers")}
         metrics_port = free_port()
+        # --worker-processes N: process i serves metrics on metrics_port + i (stream/processes.py)
+        ports = [metrics_port + i for i in range(args.worker_processes)]
         produce(broker, topics["input"], [(k, v) for k, v, _ in saturated])
         worker = WorkerProcess(broker, model, topics, f"bench-{run}", work / "worker.log", free_port(),
                                ["--metrics-port", str(metrics_port), "--partitions", str(args.partitions),
@@ -490,27 +526,31 @@ def main(argv: list[str] | None = None) -> int:
                                 "--batch-sends", args.batch_sends, "--inference-process", args.inference_process,
                                 "--model-cache-bytes", str(args.model_cache_bytes), "--log-level", "info",
                                 "--inference-threads", str(args.inference_threads),
+                                "--processes", str(args.worker_processes),
                                 *(["--fetch-max-wait-ms", str(args.fetch_max_wait_ms)] if args.fetch_max_wait_ms else []),
                                 *(["--producer-linger-ms", str(args.producer_linger_ms)]
                                   if args.producer_linger_ms >= 0 else [])])
         with worker:
-            cpu_meter = CpuPerEvent(worker.proc.pid, metrics_port, len(saturated))
+            cpu_meter = CpuPerEvent(worker.proc.pid, ports, len(saturated), processes=args.worker_processes)
             cpu_meter.start()
             time.sleep(1.0)
             lag_before = {}
             while not lag_before:
                 try:
-                    lag_before = scrape_histogram(metrics_port, "clickscore_event_loop_lag_seconds")
+                    lag_before = scrape_histogram(ports, "clickscore_event_loop_lag_seconds")
                 except OSError:
                     time.sleep(0.2)
-            scored = read_topic(broker, topics["next_items"], lambda r: len(r) >= len(saturated),
-                                timeout=1800, settle=0)
+            def all_scored(records) -> bool:
+                if worker.proc.poll() is not None:   # a dead worker would leave this waiting 30 min
+                    raise RuntimeError(f"the worker exited ({worker.proc.returncode}):\n{worker.log()[-3000:]}")
+                return len(records) >= len(saturated)
+            scored = read_topic(broker, topics["next_items"], all_scored, timeout=1800, settle=0)
             cpu_saturated = cpu_meter.result()
-            lag_after = scrape_histogram(metrics_port, "clickscore_event_loop_lag_seconds")
-            stages_after = scrape_stages(metrics_port)
-            provider = model_provider(metrics_port)
+            lag_after = scrape_histogram(ports, "clickscore_event_loop_lag_seconds")
+            stages_after = scrape_stages(ports)
+            provider = model_provider(ports)
             events_per_s = throughput(scored)
-            cache = scrape_cache(metrics_port)
+            cache = scrape_cache(ports)
             load_saturated = round(__import__("os").getloadavg()[0], 2)
             latency_rate = args.latency_rate or max(10.0, events_per_s / 2)
 
@@ -519,19 +559,21 @@ def main(argv: list[str] | None = None) -> int:
             # unsampled against sampled p50/p99: 167/322 against 304/560 ms, then 282/598
             # against 148/303: this close to capacity the phases differ as much as that.)
             done_before = len(saturated)
-            latencies, stages_paced = paced_phase(broker, topics, paced, latency_rate, done_before, metrics_port)
-            lag_paced = scrape_histogram(metrics_port, "clickscore_event_loop_lag_seconds")
+            latencies, stages_paced = paced_phase(broker, topics, paced, latency_rate, done_before, ports)
+            lag_paced = scrape_histogram(ports, "clickscore_event_loop_lag_seconds")
             done_before += len(paced)
             profile, profiled = {}, None
             if args.profile:
                 # A second paced phase of the same length, sampled by py-spy: where the time
                 # goes, and what the sampling itself costs the latency.
+                # (several processes: the first of them)
+                spied = worker.proc.pid if args.worker_processes == 1 else min(child_pids(worker.proc.pid))
                 spy = threading.Thread(target=lambda: profile.update(
-                    profile_worker(worker.proc.pid, args.profile, work)))
+                    profile_worker(spied, args.profile, work)))
                 spy.start()
                 time.sleep(1.0)      # py-spy attaches and reads the symbols first
                 profiled_latencies, profiled_stages = paced_phase(broker, topics, profiled_events, latency_rate,
-                                                                  done_before, metrics_port)
+                                                                  done_before, ports)
                 spy.join()
                 profiled = {"p50_ms": round(float(np.percentile(profiled_latencies, 50)), 1),
                             "p99_ms": round(float(np.percentile(profiled_latencies, 99)), 1),
@@ -610,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         "fetch_max_wait_ms": args.fetch_max_wait_ms or None,
         "producer_linger_ms": args.producer_linger_ms if args.producer_linger_ms >= 0 else Settings().producer_linger_ms,
         "inference_threads": args.inference_threads,
+        "worker_processes": args.worker_processes,
         "model": model_note, "model_cache_bytes": args.model_cache_bytes, "provider": provider,
         "machine": machine(),
     }

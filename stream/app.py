@@ -742,6 +742,9 @@ def run(args: argparse.Namespace) -> int:
     re-delivered to the next worker, as after a crash."""
     from stream import lifecycle
 
+    if getattr(args, "processes", 1) > 1:
+        from stream.processes import supervise
+        return supervise(settings_from_args(args), args.argv)
     lifecycle.install()
     try:
         with lifecycle.interruptible():

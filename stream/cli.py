@@ -273,6 +273,7 @@ def _worker(p: argparse.ArgumentParser) -> None:
     add_settings(p, ("model_cache_bytes", "model_poll_s", "inference_threads", "inference_process"))
     add_settings(p, ("batch_linger_s",))
     add_settings(p, ("batch_sends",))
+    add_settings(p, ("processes",))
 
 
 def _models(p: argparse.ArgumentParser) -> None:
@@ -469,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "worker":   # `worker --processes N` runs the same command line N times
+        args.argv = list(sys.argv[1:] if argv is None else argv)
     module_name, func_name = COMMANDS[args.command][2].split(":")
     run = getattr(importlib.import_module(module_name), func_name)
     try:

@@ -144,6 +144,12 @@ class Settings:
     # model, bounds the worker; docs/operations.md, "2026-12-04").
     inference_process: bool = _setting(False, "score in a child process of its own (its own GIL) "
                                        "instead of a thread of the worker's process")
+    # stream/processes.py. One process is bound by its GIL-held Python per event, not by the
+    # machine (docs/operations.md): a second process in the same group is the way past it.
+    processes: int = _setting(1, "worker processes on this machine in one consumer group, each "
+                              "with its own GIL and a share of the partitions; process i serves on "
+                              "web port +i, metrics port +i and data dir DATA_DIR/process-i",
+                              type=_positive_int)
     model_poll_s: float = _setting(10.0, "seconds between checks of a model registry (--model "
                                    "onnx_models/NAME) for a new version (0: never)", type=_non_negative_float)
 

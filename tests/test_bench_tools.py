@@ -44,3 +44,27 @@ def test_pipeline_bench_scores_every_event_and_reports_each_stage(tmp_path):
     assert all(figures[f"{stage}_us_per_event"] > 0 for stage in STAGES)
     cache = figures["cache"]
     assert cache["hits"] + cache["misses"] + cache["too_long"] + cache["deep"] == len(events)
+
+
+def test_figures_of_several_worker_processes_add_up_across_their_metrics_ports():
+    """bench.stream --worker-processes N scrapes N metrics ports: counters, histogram
+    buckets and stage sums must add across them (two real Prometheus endpoints here)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+    from bench.stream import events_consumed, scrape_histogram, scrape_stages
+    from conftest import free_port
+
+    ports = []
+    for consumed, lags, stage_s in ((3, [0.001, 0.2], 0.5), (5, [0.003], 0.25)):
+        registry = CollectorRegistry()
+        Counter("clickscore_events_consumed", "", ["topic"], registry=registry).labels(topic="t").inc(consumed)
+        lag = Histogram("clickscore_event_loop_lag_seconds", "", buckets=(0.005, 0.1, 1.0), registry=registry)
+        for value in lags:
+            lag.observe(value)
+        Histogram("clickscore_stage_seconds", "", ["stage"], registry=registry).labels(stage="prepare").observe(stage_s)
+        ports.append(free_port())
+        start_http_server(ports[-1], addr="127.0.0.1", registry=registry)
+    assert events_consumed(ports) == 8 and events_consumed(ports[0]) == 3
+    lag = scrape_histogram(ports, "clickscore_event_loop_lag_seconds")
+    assert lag["count"] == 3 and lag["0.005"] == 2 and lag["1.0"] == 3 and abs(lag["sum"] - 0.204) < 1e-9
+    assert scrape_stages(ports)["prepare"] == (0.75, 2.0)

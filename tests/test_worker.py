@@ -631,3 +631,101 @@ def test_inference_process_scores_like_offline_and_survives_its_death(
     assert after["misses"] > before["misses"] and after["hits"] > before["hits"], (before, after)
     starts = [line for line in metrics_text.splitlines() if line.startswith("clickscore_inference_process_starts_total")]
     assert starts and float(starts[0].split()[-1]) == 2.0, starts
+
+
+def ready_processes(worker: WorkerProcess) -> set[str]:
+    """Pids of the worker processes whose Faust recovery logged "Worker ready" (their
+    lines share the parent's log, each tagged with its pid)."""
+    import re
+    return set(re.findall(r"\] \[(\d+)\] \[INFO\] \[\^---Recovery\]: Worker ready", worker.log()))
+
+
+def wait_for_processes(worker: WorkerProcess, n: int, timeout: float = 120.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = child_pids(worker.proc.pid)
+        if len(children) == n and {str(c) for c in children} <= ready_processes(worker):
+            return sorted(children)
+        assert worker.proc.poll() is None, worker.log()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"{n} ready worker processes expected after {timeout} s:\n{worker.log()[-3000:]}")
+
+
+def test_worker_processes_share_the_partitions_score_like_offline_and_stop_together(
+        broker, model_dir, scorer, click_log, tmp_path, monkeypatch):
+    """`clickscore worker --processes 2` (stream/processes.py): two processes in one group,
+    each with a share of the partitions and its own RocksDB folder (RocksDB locks it: a
+    shared one would stop the second). Every event is scored once, as offline; SIGTERM
+    to the parent stops both, which commit what they did (exit 0)."""
+    allow_rocksdb_restart_on_embedded_broker(monkeypatch)
+    t = topics()
+    port = free_port()
+    app_id = f"app-{uuid.uuid4().hex[:8]}"
+    worker = WorkerProcess(broker, model_dir, t, app_id, tmp_path / "worker.log", free_port(),
+                           ["--processes", "2", "--partitions", "4", "--store", "rocksdb://", "--top-k", str(TOP_K),
+                            "--batch-size", "64", "--metrics-port", str(port), *LONG_TIMEOUT])
+    try:
+        worker.start()
+        children = wait_for_processes(worker, 2)
+        produce(broker, t["input"], [(e["session_id"].encode(), json.dumps(e).encode()) for e in click_log])
+        items, dead = read_accounted(broker, t, click_log)
+        want_scored, want_outcomes = expected_buyer_events(click_log)
+        scores = read_topic(broker, t["scores"], lambda r: len(r) >= len(want_scored) + len(want_outcomes),
+                            timeout=60)
+        consumed = [sum(float(line.split()[-1]) for line in urllib.request.urlopen(
+            f"http://127.0.0.1:{p}/metrics", timeout=5).read().decode().splitlines()
+            if line.startswith("clickscore_events_consumed_total{")) for p in (port, port + 1)]
+        assert worker.proc.poll() is None, worker.log()[-3000:]
+        worker.proc.send_signal(signal.SIGTERM)
+        status = worker.proc.wait(timeout=30)
+    finally:
+        worker.stop()
+    assert status == 0, worker.log()[-3000:]
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()
+                and workerkit_state(pid) != "Z"], "a worker process outlived its parent"
+    assert_every_event_scored(dead, click_log)
+    item_values = values(items)
+    assert sorted(v["event_id"] for v in item_values) == sorted(e["event_id"] for e in click_log)  # once each
+    assert_matches_offline(values(scores), item_values, offline_scores(scorer, by_session(click_log), TOP_K))
+    # Both processes took part (each its own metrics port), and together they consumed the log.
+    assert all(n > 0 for n in consumed) and sum(consumed) == len(click_log), consumed
+    for index in (0, 1):
+        assert list((tmp_path / f"data-{app_id}" / f"process-{index}").rglob("CURRENT")), index
+
+
+def workerkit_state(pid: int) -> str:
+    from bench.workerkit import proc_stat
+    try:
+        return proc_stat(pid)[0]
+    except OSError:
+        return "gone"
+
+
+def test_worker_processes_leave_together_when_one_dies(broker, model_dir, tmp_path):
+    """A process that dies (here SIGKILL) takes the set down with its status, so that the
+    supervisor above (systemd, Kubernetes) restarts the set: the parent restarting it
+    itself would hide a crash loop."""
+    worker = WorkerProcess(broker, model_dir, topics(), f"app-{uuid.uuid4().hex[:8]}", tmp_path / "worker.log",
+                           free_port(), ["--processes", "2", "--partitions", "2"])
+    try:
+        worker.start()
+        first, second = wait_for_processes(worker, 2)
+        os.kill(second, signal.SIGKILL)
+        status = worker.proc.wait(timeout=30)
+    finally:
+        worker.stop()
+    assert status == 128 + signal.SIGKILL, worker.log()[-3000:]
+    assert workerkit_state(first) in ("gone", "Z"), "the other process must be stopped too"
+    assert f"(pid {second}) exited with status {128 + signal.SIGKILL}: stopping the other 1" in worker.log()
+
+
+def test_worker_refuses_more_processes_than_partitions(broker, model_dir, tmp_path):
+    t = topics()
+    done = subprocess.run([CLICKSCORE, "worker", "--broker", broker, "--model", str(model_dir),
+                           "--input-topic", t["input"], "--scores-topic", t["scores"],
+                           "--next-items-topic", t["next_items"], "--dlq-topic", t["dlq"],
+                           "--triggers-topic", t["triggers"], "--partitions", "2", "--processes", "3",
+                           "--metrics-port", "0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"--processes 3 is more than the 2 partitions of {t['input']}" in done.stderr
+    assert "Use --processes 2 or fewer" in done.stderr
