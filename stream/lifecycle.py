@@ -254,7 +254,7 @@ def spawn(argv: Sequence[str], *, death_signal: int = signal.SIGTERM,
     return process
 
 
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
+def signal_group(process: subprocess.Popen, signum: int) -> None:
     try:
         os.killpg(process.pid, signum)   # spawn made the child its group's leader
     except (ProcessLookupError, PermissionError):
@@ -271,12 +271,12 @@ def stop_child(process: subprocess.Popen | None, grace_s: float | None = None) -
         return None
     if process.poll() is None:
         grace = child_grace_s() if grace_s is None else grace_s
-        _signal_group(process, signal.SIGTERM)
+        signal_group(process, signal.SIGTERM)
         try:
             process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             log.warning("pid %d still running %.1f s after SIGTERM: SIGKILL", process.pid, grace)
-            _signal_group(process, signal.SIGKILL)
+            signal_group(process, signal.SIGKILL)
             process.wait()
     with _lock:
         if process in _children:
@@ -290,7 +290,7 @@ def kill_children() -> None:
         children = list(_children)
     for process in children:
         if process.poll() is None:
-            _signal_group(process, signal.SIGKILL)
+            signal_group(process, signal.SIGKILL)
     for process in children:
         try:
             process.wait(timeout=1.0)

@@ -63,14 +63,14 @@ def stop_all(processes: Sequence[subprocess.Popen], grace_s: float) -> None:
     deadline, not one per child), then SIGKILL what is left."""
     for process in processes:
         if process.poll() is None:
-            lifecycle._signal_group(process, signal.SIGTERM)
+            lifecycle.signal_group(process, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for process in processes:
         try:
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             log.warning("worker process %d still running %.1f s after SIGTERM: SIGKILL", process.pid, grace_s)
-            lifecycle._signal_group(process, signal.SIGKILL)
+            lifecycle.signal_group(process, signal.SIGKILL)
             process.wait()
 
 
