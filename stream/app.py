@@ -61,7 +61,6 @@ import contextvars
 import logging
 import os
 import ssl
-import tempfile
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -307,7 +306,7 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
     from faust.types import TP
 
     _set_fetch_max_wait(settings.fetch_max_wait_ms)
-    data_dir = settings.data_dir or str(Path(tempfile.gettempdir()) / f"clickscore-{settings.app_id}")
+    data_dir = settings.faust_data_dir()
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{b.strip()}" for b in settings.broker.split(",")],

@@ -269,19 +269,29 @@ def stop_child(process: subprocess.Popen | None, grace_s: float | None = None) -
     then SIGKILL the group; returns the child's exit status."""
     if process is None:
         return None
-    if process.poll() is None:
-        grace = child_grace_s() if grace_s is None else grace_s
-        signal_group(process, signal.SIGTERM)
+    return stop_children([process], grace_s)[0]
+
+
+def stop_children(processes: Sequence[subprocess.Popen], grace_s: float | None = None) -> list[int]:
+    """`stop_child` for several at once: SIGTERM every group first, then wait for them
+    together against one deadline (not one grace per child), then SIGKILL what is left."""
+    grace = child_grace_s() if grace_s is None else grace_s
+    for process in processes:
+        if process.poll() is None:
+            signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for process in processes:
         try:
-            process.wait(timeout=grace)
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             log.warning("pid %d still running %.1f s after SIGTERM: SIGKILL", process.pid, grace)
             signal_group(process, signal.SIGKILL)
             process.wait()
     with _lock:
-        if process in _children:
-            _children.remove(process)
-    return process.returncode
+        for process in processes:
+            if process in _children:
+                _children.remove(process)
+    return [process.returncode for process in processes]
 
 
 def kill_children() -> None:

@@ -14,11 +14,7 @@ here would hide a crash loop from that supervisor.
 from __future__ import annotations
 
 import logging
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -33,11 +29,6 @@ log = logging.getLogger("clickscore.processes")
 DEADLINE_S = lifecycle.STOP_DEADLINE_S + lifecycle.CHILD_GRACE_S
 
 
-def data_dir_of(settings: Settings) -> Path:
-    """The worker's data directory (stream.app.build_app's default when --data-dir is empty)."""
-    return Path(settings.data_dir or Path(tempfile.gettempdir()) / f"clickscore-{settings.app_id}")
-
-
 def child_argv(argv: Sequence[str], index: int, settings: Settings) -> list[str]:
     """Process `index`'s command line: the parent's own (`worker ...`) with flags appended
     that override it (argparse keeps an option's last value). Ports and data directories
@@ -47,7 +38,7 @@ def child_argv(argv: Sequence[str], index: int, settings: Settings) -> list[str]
             "--processes", "1",
             "--web-port", str(settings.web_port + index),
             "--metrics-port", str(settings.metrics_port + index if settings.metrics_port else 0),
-            "--data-dir", str(data_dir_of(settings) / f"process-{index}")]
+            "--data-dir", str(Path(settings.faust_data_dir()) / f"process-{index}")]
 
 
 def check_processes(processes: int, partitions: int, topic: str) -> None:
@@ -56,22 +47,6 @@ def check_processes(processes: int, partitions: int, topic: str) -> None:
             f"--processes {processes} is more than the {partitions} partitions of {topic}: the other "
             f"processes would get no partition and sit idle. Use --processes {partitions} or fewer "
             f"(a new input topic gets --partitions partitions).")
-
-
-def stop_all(processes: Sequence[subprocess.Popen], grace_s: float) -> None:
-    """SIGTERM every process group at once, then wait for them together (one shared
-    deadline, not one per child), then SIGKILL what is left."""
-    for process in processes:
-        if process.poll() is None:
-            lifecycle.signal_group(process, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("worker process %d still running %.1f s after SIGTERM: SIGKILL", process.pid, grace_s)
-            lifecycle.signal_group(process, signal.SIGKILL)
-            process.wait()
 
 
 def supervise(settings: Settings, argv: Sequence[str], poll_s: float = 0.2) -> int:
@@ -111,7 +86,7 @@ def supervise(settings: Settings, argv: Sequence[str], poll_s: float = 0.2) -> i
         index, status = failed
         log.error("worker process %d (pid %d) exited with status %d: stopping the other %d",
                   index, children[index].pid, exit_status(status), len(children) - 1)
-    stop_all(children, max(0.1, lifecycle.remaining_s(DEADLINE_S) - lifecycle.FORCE_MARGIN_S))
+    lifecycle.stop_children(children, max(0.1, lifecycle.remaining_s(DEADLINE_S) - lifecycle.FORCE_MARGIN_S))
     if failed is not None and not stopping.is_set():
         return exit_status(failed[1]) or lifecycle.EXIT_FAILURE
     return max((exit_status(process.returncode) for process in children), default=0)

@@ -153,6 +153,12 @@ class Settings:
     model_poll_s: float = _setting(10.0, "seconds between checks of a model registry (--model "
                                    "onnx_models/NAME) for a new version (0: never)", type=_non_negative_float)
 
+    def faust_data_dir(self) -> str:
+        """--data-dir, or a folder per app id in the temp dir (the worker's and
+        `worker --processes N`'s one default)."""
+        import tempfile
+        return self.data_dir or os.path.join(tempfile.gettempdir(), f"clickscore-{self.app_id}")
+
     def kafka_security(self) -> dict[str, Any]:
         """Keyword arguments for kafka-python/aiokafka clients (SASL/TLS passed through)."""
         kwargs: dict[str, Any] = {"security_protocol": self.security_protocol}

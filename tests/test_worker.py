@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import signal
 import json
 import subprocess
@@ -23,9 +24,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # bench/ is not an installed package
 
-from bench.stream import scrape_cache  # noqa: E402
-from bench.workerkit import (CLICKSCORE, WorkerProcess, child_pids, offline_scores, produce,  # noqa: E402
-                             read_topic, values)
+from bench.stream import events_consumed, scrape_cache  # noqa: E402
+from bench.workerkit import (CLICKSCORE, WorkerProcess, child_pids, offline_scores, proc_stat,  # noqa: E402
+                             produce, read_topic, values)
 from conftest import free_port  # noqa: E402
 
 TOP_K = 5
@@ -636,7 +637,6 @@ def test_inference_process_scores_like_offline_and_survives_its_death(
 def ready_processes(worker: WorkerProcess) -> set[str]:
     """Pids of the worker processes whose Faust recovery logged "Worker ready" (their
     lines share the parent's log, each tagged with its pid)."""
-    import re
     return set(re.findall(r"\] \[(\d+)\] \[INFO\] \[\^---Recovery\]: Worker ready", worker.log()))
 
 
@@ -672,17 +672,14 @@ def test_worker_processes_share_the_partitions_score_like_offline_and_stop_toget
         want_scored, want_outcomes = expected_buyer_events(click_log)
         scores = read_topic(broker, t["scores"], lambda r: len(r) >= len(want_scored) + len(want_outcomes),
                             timeout=60)
-        consumed = [sum(float(line.split()[-1]) for line in urllib.request.urlopen(
-            f"http://127.0.0.1:{p}/metrics", timeout=5).read().decode().splitlines()
-            if line.startswith("clickscore_events_consumed_total{")) for p in (port, port + 1)]
+        consumed = [events_consumed(p) for p in (port, port + 1)]
         assert worker.proc.poll() is None, worker.log()[-3000:]
         worker.proc.send_signal(signal.SIGTERM)
         status = worker.proc.wait(timeout=30)
     finally:
         worker.stop()
     assert status == 0, worker.log()[-3000:]
-    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()
-                and workerkit_state(pid) != "Z"], "a worker process outlived its parent"
+    assert all(process_state(pid) in ("gone", "Z") for pid in children), "a worker process outlived its parent"
     assert_every_event_scored(dead, click_log)
     item_values = values(items)
     assert sorted(v["event_id"] for v in item_values) == sorted(e["event_id"] for e in click_log)  # once each
@@ -693,8 +690,8 @@ def test_worker_processes_share_the_partitions_score_like_offline_and_stop_toget
         assert list((tmp_path / f"data-{app_id}" / f"process-{index}").rglob("CURRENT")), index
 
 
-def workerkit_state(pid: int) -> str:
-    from bench.workerkit import proc_stat
+def process_state(pid: int) -> str:
+    """/proc's state letter of `pid` (Z: exited, not yet reaped), or "gone"."""
     try:
         return proc_stat(pid)[0]
     except OSError:
@@ -715,7 +712,7 @@ def test_worker_processes_leave_together_when_one_dies(broker, model_dir, tmp_pa
     finally:
         worker.stop()
     assert status == 128 + signal.SIGKILL, worker.log()[-3000:]
-    assert workerkit_state(first) in ("gone", "Z"), "the other process must be stopped too"
+    assert process_state(first) in ("gone", "Z"), "the other process must be stopped too"
     assert f"(pid {second}) exited with status {128 + signal.SIGKILL}: stopping the other 1" in worker.log()
 
 
