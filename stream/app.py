@@ -73,7 +73,7 @@ from stream.errors import ClickscoreError
 from stream.fencing import Fence
 from stream.registry import ModelSource, ModelTagged
 from stream.scoring import ModelScorer
-from stream.session_state import idle_now
+from stream.session_state import idle_now, key_slices
 from stream.settings import Settings, settings_from_args
 
 log = logging.getLogger("clickscore.worker")
@@ -548,18 +548,20 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         running between slices, so a large table does not stall the loop: deciding a whole
         table at once held it ~0.4-0.7 us per live session (40-65 ms at 100,000, every
         EVICTION_SCAN_S), and listing its items, new tuples that set off the garbage
-        collector, another 16-26 ms; listing the keys takes ~1 ms and a slice 2.5-4.7 ms
-        (`python -m bench.eviction`).
-        Only the keys are listed up front; each value is read when its slice is decided,
-        and ownership is read again for every slice (a rebalance may come in between)."""
+        collector, another 16-26 ms; a slice takes 2.5-4.7 ms (`python -m bench.eviction`).
+        The keys are listed a slice at a time too (session_state.key_slices: the memory
+        store's at once, ~1 ms per 100,000; the RocksDB store's lazily and raw, values read
+        from the partition database the key came from, since Faust's own listing decodes
+        every key, 166 ms per 100,000 in one turn, and its get searches every partition).
+        Each value is read when its slice is decided, and ownership is read again for every
+        slice (a rebalance may come in between)."""
         worker.last_scan = time.monotonic()
-        keys = list(sessions.data.keys())
-        evicted = state_bytes = 0
-        for start in range(0, len(keys), EVICTION_SLICE):
+        listed = evicted = state_bytes = 0
+        for keys, current in key_slices(sessions.data, EVICTION_SLICE):
+            listed += len(keys)
             async with batch_lock:
                 owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.input_topic}
-                idle, nbytes = idle_now(keys[start:start + EVICTION_SLICE], sessions.data.get, worker.watermarks,
-                                        timeout_ms, owned)
+                idle, nbytes = idle_now(keys, current, worker.watermarks, timeout_ms, owned)
                 state_bytes += nbytes
                 for key, partition in idle:
                     # No current event here: send the tombstone to the session's own partition.
@@ -569,10 +571,10 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
                             table.send_changelog(partition, key, None, value_serializer="raw")
                     evicted += 1
             await asyncio.sleep(0)
-        metrics.ACTIVE_SESSIONS.set(len(keys) - evicted)
+        metrics.ACTIVE_SESSIONS.set(listed - evicted)
         metrics.SESSION_STATE_BYTES.set(state_bytes)
         if evicted:
-            log.info("evicted %d idle sessions (%d remain)", evicted, len(keys) - evicted)
+            log.info("evicted %d idle sessions (%d remain)", evicted, listed - evicted)
 
     batch_lock = asyncio.Lock()
     # Batches begun but not yet delivered. Bounded, so a slow broker or model holds back
@@ -764,7 +766,7 @@ def _run_worker(args: argparse.Namespace) -> int:
             raise ClickscoreError("--store rocksdb:// needs the rocksdict package "
                                   "(installed with clickscore: pip install rocksdict); or use memory://") from None
     logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     # A plain export folder, or a registry (onnx_models/NAME): its newest valid version.
     source = ModelSource.open(settings.model, settings.execution_provider, settings.model_poll_s,
                               settings.inference_threads)

@@ -41,6 +41,16 @@ def child_argv(argv: Sequence[str], index: int, settings: Settings) -> list[str]
             "--data-dir", str(Path(settings.faust_data_dir()) / f"process-{index}")]
 
 
+def check_model(settings: Settings) -> None:
+    """Load the model (or the registry's newest valid version) once here and let it go, so
+    that a bad model fails with one message and exit 2, as one worker does, instead of N
+    copies from N processes. On the CPU: the parent must not hold a GPU context for its
+    lifetime; each process loads the model again with its own execution provider."""
+    from stream.registry import ModelSource
+
+    ModelSource.open(settings.model, "cpu", 0.0, 1)
+
+
 def check_processes(processes: int, partitions: int, topic: str) -> None:
     if processes > partitions:
         raise ClickscoreError(
@@ -60,6 +70,7 @@ def supervise(settings: Settings, argv: Sequence[str], poll_s: float = 0.2) -> i
     lifecycle.install(deadline_s=DEADLINE_S)
     try:
         with lifecycle.interruptible():
+            check_model(settings)
             # Once, here: N processes would otherwise race to create the topics.
             partitions = ensure_topics(settings)
     except lifecycle.StopRequested:

@@ -303,6 +303,53 @@ def idle_now(keys: Iterable[bytes], current: Callable[[bytes], "bytes | None"], 
     return list(idle_keys(items, watermarks, timeout_ms, partitions)), sum(len(value) for _, value in items)
 
 
+def key_slices(store, size: int) -> Iterator[tuple[list[bytes], Callable[[bytes], "bytes | None"]]]:
+    """A table's keys, at most `size` at a time, each slice with the function that reads a
+    key's value now; listed lazily where the store allows it, so the eviction scan can give
+    the event loop back between slices (stream/app.py).
+
+    Faust's memory store keeps a dict: its keys are listed at once (~1 ms per 100,000) and
+    sliced, since a dict cannot be iterated while the scan deletes from it; values are read
+    with the store's get. Faust's RocksDB store decodes every key it lists through the
+    serializer registry (166 ms per 100,000 in one event-loop turn, every scan) and, with
+    no current event, looks for a key's value in every partition's database (~9 us a
+    key, ~0.9 s of CPU per scan of 100,000 sessions; `python -m bench.eviction`). Here
+    its partition databases are read directly and raw: one RocksDB iterator each, slices
+    that do not cross databases, each value read from the database its key was listed
+    in. An iterator reads the snapshot it was opened on, so what the batches write or
+    delete between slices does not disturb it: a key deleted meanwhile is still listed
+    (its value then reads None and idle_now skips it); a session created meanwhile is
+    listed if its partition's iterator was not open yet, else left to the next scan
+    (either way it is judged on its value then). Keys are raw bytes in both stores (the
+    tables' key serializer is "raw")."""
+    dbs = _rocksdict_partitions(store)
+    if dbs is None:
+        keys = list(store.keys())
+        for start in range(0, len(keys), size):
+            yield keys[start:start + size], store.get
+        return
+    for db in dbs:
+        chunk: list[bytes] = []
+        for key in store._visible_keys(db):     # skips Faust's offset key
+            chunk.append(key)
+            if len(chunk) == size:
+                yield chunk, db.get
+                chunk = []
+        if chunk:
+            yield chunk, db.get
+
+
+def _rocksdict_partitions(store) -> list | None:
+    """The databases of the partitions the store serves now (a list, taken once: Faust
+    adds and drops entries of its dict on a rebalance, and never closes a dropped
+    database), or None where the store is not Faust's rocksdict-backed RocksDB store with
+    raw keys (the memory store, python-rocksdb, a future Faust whose internals moved)."""
+    if not (getattr(store, "use_rocksdict", False) and getattr(store, "key_serializer", None) == "raw"
+            and hasattr(store, "_dbs_for_actives") and hasattr(store, "_visible_keys")):
+        return None
+    return list(store._dbs_for_actives())
+
+
 def idle_keys(items: Iterable[tuple[bytes, bytes]], watermarks: dict[int, int], timeout_ms: int,
               partitions: set[int] | None = None) -> Iterator[tuple[bytes, int]]:
     """(key, partition) of every session idle beyond the timeout at its partition's watermark.

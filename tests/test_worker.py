@@ -340,7 +340,10 @@ def test_rocksdb_worker_stopped_and_restarted_keeps_its_sessions(broker, model_d
     assert_matches_offline(values(scores), item_values, offline_scores(scorer, by_session(log), TOP_K))
 
 
-def test_worker_refuses_a_model_that_does_not_match(broker, model_dir, tmp_path):
+@pytest.mark.parametrize("processes", [1, 3])
+def test_worker_refuses_a_model_that_does_not_match(broker, model_dir, tmp_path, processes):
+    # With --processes the parent checks the model before it starts any process: one
+    # message, the same exit status, no process started.
     import shutil
 
     bad = tmp_path / "bad"
@@ -351,15 +354,18 @@ def test_worker_refuses_a_model_that_does_not_match(broker, model_dir, tmp_path)
     (bad / "features.json").write_text(json.dumps(features))
     started = time.monotonic()
     done = subprocess.run([CLICKSCORE, "worker", "--broker", broker, "--model", str(bad), "--metrics-port", "0",
-                           "--web-port", str(free_port())], capture_output=True, text=True, timeout=60)
+                           "--web-port", str(free_port()), "--processes", str(processes)],
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "vocab_hash" in done.stderr and "error" in done.stderr
+    assert done.stderr.count("vocab_hash") == 1 and "worker process 0" not in done.stderr, done.stderr[-3000:]
     assert time.monotonic() - started < 15
 
 
 def test_idle_sessions_are_evicted_on_the_event_time_watermark(broker, model_dir, tmp_path, store):
-    # Both stores: the scan lists the table's keys and reads each value when its slice is
-    # decided, outside any event's context (RocksDB then finds the key's partition itself).
+    # Both stores: the scan lists the table's keys a slice at a time and reads each value
+    # when its slice is decided, outside any event's context (RocksDB: raw, from the key's
+    # own partition database, session_state.key_slices).
     t = topics()
     sim_path = tmp_path / "sim.parquet"
     subprocess.run([CLICKSCORE, "simulate", "--sessions", "60", "--seed", "13", "--out", str(sim_path)],
@@ -384,11 +390,13 @@ def test_idle_sessions_are_evicted_on_the_event_time_watermark(broker, model_dir
         changelog = read_topic(broker, changelog_name, lambda r: {x.key.decode() for x in r if x.value is None}
                                >= old_sessions, timeout=30, settle=0.5)
         assert worker.proc.poll() is None, worker.log()[-3000:]
+        pid = worker.proc.pid
     partition_of = {e["session_id"]: m.partition for e, m in zip(log + late, metadata + late_metadata)}
     tombstones = [r for r in changelog if r.value is None]
     assert {r.key.decode() for r in tombstones} == old_sessions      # every old session, no late one
     assert all(r.partition == partition_of[r.key.decode()] for r in tombstones)
-    assert "evicted" in worker.log()
+    # every line names its process: set-up lines in clickscore's format, then Faust's
+    assert f"stream.scoring[{pid}]: model " in worker.log() and f"[{pid}] [INFO] evicted" in worker.log()
     assert_store_used(store, data_dir)
 
 
