@@ -551,8 +551,8 @@ def build_app(settings: Settings, scorer: ModelScorer, partitions: int, rules=No
         collector, another 16-26 ms; a slice takes 2.5-4.7 ms (`python -m bench.eviction`).
         The keys are listed a slice at a time too (session_state.key_slices: the memory
         store's at once, ~1 ms per 100,000; the RocksDB store's lazily and raw, values read
-        from the partition database the key came from, since Faust's own listing decodes
-        every key, 166 ms per 100,000 in one turn, and its get searches every partition).
+        from the key's own partition, since Faust's own listing decodes every key, 149-173
+        ms per 100,000 in one turn, and its get searches every partition).
         Each value is read when its slice is decided, and ownership is read again for every
         slice (a rebalance may come in between)."""
         worker.last_scan = time.monotonic()

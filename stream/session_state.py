@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -311,43 +312,69 @@ def key_slices(store, size: int) -> Iterator[tuple[list[bytes], Callable[[bytes]
     Faust's memory store keeps a dict: its keys are listed at once (~1 ms per 100,000) and
     sliced, since a dict cannot be iterated while the scan deletes from it; values are read
     with the store's get. Faust's RocksDB store decodes every key it lists through the
-    serializer registry (166 ms per 100,000 in one event-loop turn, every scan) and, with
-    no current event, looks for a key's value in every partition's database (~9 us a
-    key, ~0.9 s of CPU per scan of 100,000 sessions; `python -m bench.eviction`). Here
-    its partition databases are read directly and raw: one RocksDB iterator each, slices
-    that do not cross databases, each value read from the database its key was listed
-    in. An iterator reads the snapshot it was opened on, so what the batches write or
-    delete between slices does not disturb it: a key deleted meanwhile is still listed
-    (its value then reads None and idle_now skips it); a session created meanwhile is
-    listed if its partition's iterator was not open yet, else left to the next scan
-    (either way it is judged on its value then). Keys are raw bytes in both stores (the
+    serializer registry (149-173 ms per 100,000 in one event-loop turn, every scan) and,
+    with no current event, looks for a key's value in every partition's database (~7 us a
+    key: 870-891 ms of CPU per scan of 100,000 sessions, 171-177 ms this way; `python -m
+    bench.eviction`). Here its partition databases are read directly and raw, a slice per
+    partition at a time, each value from its key's own partition.
+
+    No database handle is kept between slices: each slice takes the partition's database
+    from the store again, seeks past the last key listed and lets go of the iterator
+    before it is handed out. A rebalance revokes and re-opens databases (Faust drops its
+    handle and opens the folder again); a handle kept here would hold RocksDB's lock on the
+    folder and the re-open would fail. A partition revoked meanwhile ends its listing;
+    keys deleted or created meanwhile are seen as they are when their slice is read
+    (either way each is judged on its value then). Keys are raw bytes in both stores (the
     tables' key serializer is "raw")."""
-    dbs = _rocksdict_partitions(store)
-    if dbs is None:
+    partitions = _rocksdict_partitions(store)
+    if partitions is None:
         keys = list(store.keys())
         for start in range(0, len(keys), size):
             yield keys[start:start + size], store.get
         return
-    for db in dbs:
-        chunk: list[bytes] = []
-        for key in store._visible_keys(db):     # skips Faust's offset key
-            chunk.append(key)
-            if len(chunk) == size:
-                yield chunk, db.get
-                chunk = []
-        if chunk:
-            yield chunk, db.get
+    for partition in partitions:
+        after = None
+        while True:
+            chunk = _keys_after(store, partition, after, size)
+            if not chunk:
+                break
+            yield chunk, partial(_value_in, store, partition)
+            if len(chunk) < size:
+                break
+            after = chunk[-1]
 
 
-def _rocksdict_partitions(store) -> list | None:
-    """The databases of the partitions the store serves now (a list, taken once: Faust
-    adds and drops entries of its dict on a rebalance, and never closes a dropped
-    database), or None where the store is not Faust's rocksdict-backed RocksDB store with
-    raw keys (the memory store, python-rocksdb, a future Faust whose internals moved)."""
+def _keys_after(store, partition: int, after: bytes | None, size: int) -> list[bytes]:
+    """Up to `size` keys of the partition's database after `after` (from the first: None),
+    Faust's offset key left out; [] where the partition is no longer served."""
+    db = store._dbs.get(partition)
+    if db is None:
+        return []
+    chunk: list[bytes] = []
+    for key in db.keys(from_key=after):      # from `after` itself, when it is still there
+        if key == after or key == store.offset_key:
+            continue
+        chunk.append(key)
+        if len(chunk) == size:
+            break
+    return chunk
+
+
+def _value_in(store, partition: int, key: bytes) -> bytes | None:
+    db = store._dbs.get(partition)
+    return None if db is None else db.get(key)
+
+
+def _rocksdict_partitions(store) -> list[int] | None:
+    """The partitions whose databases the store serves now (Faust's `_dbs_for_actives`, as
+    partition numbers), or None where the store is not Faust's rocksdict-backed RocksDB
+    store with raw keys (the memory store, python-rocksdb, a future Faust whose internals
+    moved)."""
     if not (getattr(store, "use_rocksdict", False) and getattr(store, "key_serializer", None) == "raw"
-            and hasattr(store, "_dbs_for_actives") and hasattr(store, "_visible_keys")):
+            and isinstance(getattr(store, "_dbs", None), dict) and hasattr(store, "_dbs_for_actives")):
         return None
-    return list(store._dbs_for_actives())
+    served = {id(db) for db in store._dbs_for_actives()}
+    return sorted(partition for partition, db in store._dbs.items() if id(db) in served)
 
 
 def idle_keys(items: Iterable[tuple[bytes, bytes]], watermarks: dict[int, int], timeout_ms: int,
