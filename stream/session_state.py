@@ -371,7 +371,8 @@ def _rocksdict_partitions(store) -> list[int] | None:
     store with raw keys (the memory store, python-rocksdb, a future Faust whose internals
     moved)."""
     if not (getattr(store, "use_rocksdict", False) and getattr(store, "key_serializer", None) == "raw"
-            and isinstance(getattr(store, "_dbs", None), dict) and hasattr(store, "_dbs_for_actives")):
+            and isinstance(getattr(store, "_dbs", None), dict) and hasattr(store, "_dbs_for_actives")
+            and isinstance(getattr(store, "offset_key", None), bytes)):
         return None
     served = {id(db) for db in store._dbs_for_actives()}
     return sorted(partition for partition, db in store._dbs.items() if id(db) in served)
