@@ -18,9 +18,9 @@ temporary folder):
   (`list(store.keys())`, each key decoded through the serializer registry), one
   event-loop turn; rocksdb_get_slice_worst_ms, the longest slice decided with the store's
   get (no current event: it searches every partition's database), and the median slice;
-  rocksdb_scan_total_ms_before,
-  the whole scan's CPU;
-- now (session_state.key_slices, raw, lazily, values read from the key's own database):
+  rocksdb_scan_total_ms_before, the whole scan's CPU;
+- now (session_state.key_slices: raw keys a slice at a time per partition, values read
+  from the key's own partition):
   rocksdb_slice_worst_ms and _median_ms, the event-loop turns, listing a slice and deciding
   it, rocksdb_list_worst_ms the listing part of it; rocksdb_scan_total_ms, the whole scan.
   The worst turns include the garbage collector's pauses (the benchmark holds every

@@ -308,7 +308,7 @@ def test_key_slices_list_every_key_once_in_bounded_slices_while_the_table_change
         else:
             store.data[store_new] = b"v"
     # every key once, no offset key; a session created meanwhile may be listed (RocksDB: in a
-    # partition whose iterator was not open yet) or left to the next scan
+    # partition not reached yet, or after the last key listed) or left to the next scan
     assert len(listed) == len(set(listed)) and keys <= set(listed)
     assert all(key.startswith(b"new-") for key in set(listed) - keys)
     # the memory store's keys are listed at once; RocksDB's lazily (so some new ones show)
